@@ -1,0 +1,132 @@
+"""Item vectors from the foundation model: per-modality vectors (adapted, or frozen and cached),
+learned placeholders for missing modalities, and the MLP projector onto the recommender's width."""
+
+from __future__ import annotations
+
+import os
+from logging import getLogger
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from recbole_perpeft.adapters import attach_peft
+from recbole_perpeft.data.modality_store import ItemModalityStore
+from recbole_perpeft.encoders import build_foundation
+
+
+class ItemTower(nn.Module):
+    def __init__(self, config, dataset, adapt: bool):
+        super().__init__()
+        self.logger = getLogger()
+        self.show_progress = bool(config["show_progress"])
+        self.encode_batch_size = config["encode_batch_size"] or 256
+        store = ItemModalityStore(config, dataset)
+        self.foundation = build_foundation(config)
+        self.modalities = self._available_modalities(config, store)
+        adapted = [m for m in self.modalities if m == "text" or config["adapt_image_tower"]] if adapt else []
+        self.adapted = adapted
+        # Handles to the peft wrappers (add/switch named adapters); not registered as sub-modules,
+        # the adapted layers already live inside self.foundation.
+        self.peft_models = [
+            attach_peft(module, config["peft_type"], config["peft_config"])
+            for module in self.foundation.peft_backbones(adapted).values()
+        ]
+
+        self._pixels = None
+        for m in self.modalities:
+            if m == "text":
+                tokens = store.text_tokens(
+                    self.foundation.tokenizer, self.foundation.text_max_length, self.foundation.cache_ids["text"]
+                )
+                self.register_buffer("input_ids", tokens["input_ids"], persistent=False)
+                self.register_buffer("attention_mask", tokens["attention_mask"], persistent=False)
+                self.register_buffer("has_text", store.has_text, persistent=False)
+            else:
+                pixels, has_image = store.image_pixels(self.foundation.image_size)
+                self._pixels = pixels  # memory-mapped uint8; rows are gathered per batch
+                self.register_buffer("has_image", has_image, persistent=False)
+                missing = store.n_items - 1 - int(has_image.sum())
+                if missing:
+                    self.logger.warning(f"{missing} of {store.n_items - 1} items have no usable image: placeholder.")
+        for m in self.modalities:
+            if m not in adapted:
+                self.register_buffer(f"features_{m}", self._frozen_features(m, store), persistent=False)
+
+        dims = {m: self.foundation.out_dims[m] for m in self.modalities}
+        self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m, d in dims.items()})
+        hidden, width = config["hidden_size"], config["projector_hidden_size"] or config["hidden_size"]
+        self.projector = nn.ModuleDict(
+            {
+                "norms": nn.ModuleDict({m: nn.LayerNorm(d) for m, d in dims.items()}),
+                "mlp": nn.Sequential(
+                    nn.Linear(sum(dims.values()), width),
+                    nn.GELU(),
+                    nn.Dropout(config["projector_dropout"] or 0.0),
+                    nn.Linear(width, hidden),
+                ),
+            }
+        )
+
+    def _available_modalities(self, config, store) -> list[str]:
+        wanted = list(config["modalities"] or self.foundation.modalities)
+        if "image" in wanted and not store.image_availability().any():
+            self.logger.warning(
+                f"No item images found in image_dir={config['image_dir']}: running text-only. Put images "
+                "there as <item_id>.jpg (or set image_field) for a multimodal run."
+            )
+            wanted.remove("image")
+        if not wanted:
+            raise ValueError("No modality left: the dataset has neither usable titles nor images.")
+        self.logger.info(f"Item modalities: {wanted}")
+        return wanted
+
+    # --- encoding ------------------------------------------------------------------------------------
+
+    def _inputs(self, modality: str, items: torch.Tensor) -> dict:
+        if modality == "text":
+            mask = self.attention_mask[items]
+            length = max(int(mask.sum(1).max()), 1)  # trim the padding this batch does not need
+            return {"input_ids": self.input_ids[items, :length], "attention_mask": mask[:, :length]}
+        rows = np.sort(items.cpu().numpy())
+        pixels = torch.from_numpy(np.ascontiguousarray(self._pixels[rows]))
+        order = torch.from_numpy(np.searchsorted(rows, items.cpu().numpy()))
+        return {"pixels": pixels[order].to(self.has_image.device)}
+
+    def _encode(self, modality: str, items: torch.Tensor) -> torch.Tensor:
+        return self.foundation.encode(modality, self._inputs(modality, items))
+
+    def _frozen_features(self, modality: str, store: ItemModalityStore) -> torch.Tensor:
+        """The frozen encoder's vector for every item, computed once and cached on disk."""
+        source = store.texts if modality == "text" else store.image_paths
+        path = store._cache_file(f"features-{modality}", source, self.foundation.cache_ids[modality]) + ".pt"
+        if os.path.isfile(path):
+            return torch.load(path, weights_only=True)
+        has = self.has_text if modality == "text" else self.has_image
+        items = torch.nonzero(has).flatten()
+        features = torch.zeros(store.n_items, self.foundation.out_dims[modality])
+        chunks = items.split(self.encode_batch_size)
+        with torch.inference_mode():
+            desc = f"Encoding item {modality} (frozen, cached)"
+            for chunk in tqdm(chunks, desc=desc, disable=not self.show_progress):
+                features[chunk] = self._encode(modality, chunk).float()
+        torch.save(features, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return features
+
+    def modality_vector(self, modality: str, items: torch.Tensor) -> torch.Tensor:
+        has = getattr(self, f"has_{modality}")[items]
+        placeholder = self.placeholders[modality].expand(len(items), -1)
+        if modality not in self.adapted:
+            return torch.where(has.unsqueeze(1), getattr(self, f"features_{modality}")[items], placeholder)
+        vectors = placeholder.clone()
+        present = items[has]
+        if len(present):
+            vectors = vectors.index_put((torch.nonzero(has).flatten(),), self._encode(modality, present).float())
+        return vectors
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """[U] item ids -> [U, hidden_size]; callers pass distinct ids so each item is encoded once."""
+        parts = [self.projector["norms"][m](self.modality_vector(m, items)) for m in self.modalities]
+        return self.projector["mlp"](torch.cat(parts, dim=-1))

@@ -1,0 +1,87 @@
+"""Train and evaluate one model on one dataset with RecBole's lower-level API
+(``recbole.quick_start`` cannot be imported on today's stack: see compat.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from logging import getLogger
+from time import time
+
+from recbole.utils import init_logger, init_seed, set_color
+
+from recbole_perpeft.config import Config
+from recbole_perpeft.data import create_dataset, data_preparation
+from recbole_perpeft.utils import get_model, get_trainer, trainable_parameters_by_component
+
+
+def json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(json_safe(payload), f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, result_file=None,
+        resume=None) -> dict:
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    model_class = get_model(config["model"])
+    train_data, valid_data, test_data = data_preparation(config, dataset, model_class)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = model_class(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    parameters = trainable_parameters_by_component(model)
+    logger.info(set_color("trainable parameters", "blue") + f": {parameters}")
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if resume:
+        trainer.resume_checkpoint(resume)
+    start = time()
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    train_seconds = time() - start
+    start = time()
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    eval_seconds = time() - start
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+
+    result = {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "config": config.final_config_dict,
+        "best_valid_score": best_valid_score,
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "trainable_parameters": parameters,
+        "seconds": {
+            "train": train_seconds,
+            "eval": eval_seconds,
+            "per_epoch": getattr(trainer, "epoch_seconds", None),
+        },
+        "checkpoint": trainer.saved_model_file if saved else None,
+    }
+    if result_file:
+        write_json(result_file, result)
+        logger.info(f"Result written to {result_file}")
+    return json_safe(result)

@@ -1,0 +1,57 @@
+"""Model/trainer registry (ours first, then RecBole's) and parameter accounting."""
+
+from __future__ import annotations
+
+import importlib
+
+from recbole.utils import get_model as recbole_get_model
+from recbole.utils import get_trainer as recbole_get_trainer
+
+from recbole_perpeft.compat import with_safe_checkpoints
+
+# name -> module path, so `--model=X` does not import every model (and its encoders) to find one.
+MODELS = {
+    "GlobalPEFT": "recbole_perpeft.model.sequential_recommender.globalpeft",
+    "FrozenMM": "recbole_perpeft.model.sequential_recommender.frozenmm",
+}
+
+
+def get_model(model_name: str):
+    """Our model class if we have one, else RecBole's; a clear error naming both lists otherwise."""
+    if model_name in MODELS:
+        return getattr(importlib.import_module(MODELS[model_name]), model_name)
+    try:
+        return recbole_get_model(model_name)
+    except ValueError:
+        raise ValueError(
+            f"Unknown model '{model_name}': it is neither a recbole_perpeft model "
+            f"({', '.join(sorted(MODELS))}) nor a model RecBole ships (e.g. SASRec, BERT4Rec, GRU4Rec). "
+            "Model names are case-sensitive."
+        ) from None
+
+
+def get_trainer(model_type, model_name: str):
+    """The trainer for a model; every trainer writes checkpoints that load with weights_only=True."""
+    if model_name in MODELS:
+        from recbole_perpeft.trainer import PEFTTrainer
+
+        return getattr(get_model(model_name), "trainer_class", PEFTTrainer)
+    return with_safe_checkpoints(recbole_get_trainer(model_type, model_name))
+
+
+def count_parameters(module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def trainable_parameters_by_component(model) -> dict:
+    """Trainable parameter counts per component; our models name their components, others by child."""
+    if hasattr(model, "parameter_components"):
+        components = model.parameter_components()
+    else:
+        components = dict(model.named_children())
+    counts = {name: count_parameters(module) for name, module in components.items()}
+    counts = {name: n for name, n in counts.items() if n}
+    counts["total"] = count_parameters(model)
+    if hasattr(model, "foundation_parameter_count"):
+        counts["foundation_model_frozen"] = model.foundation_parameter_count()
+    return counts
