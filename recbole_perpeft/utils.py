@@ -22,7 +22,10 @@ def get_model(model_name: str):
         return getattr(importlib.import_module(MODELS[model_name]), model_name)
     try:
         return recbole_get_model(model_name)
-    except ValueError:
+    except (ValueError, ImportError, AttributeError):
+        # RecBole raises ValueError for an unknown name, but its search first imports every model
+        # package (exlib_recommender needs lightgbm/xgboost: ImportError), and a name that differs
+        # from a model only in case finds its module but not the class (AttributeError).
         raise ValueError(
             f"Unknown model '{model_name}': it is neither a recbole_perpeft model "
             f"({', '.join(sorted(MODELS))}) nor a model RecBole ships (e.g. SASRec, BERT4Rec, GRU4Rec). "

@@ -43,6 +43,8 @@ def attach_peft(module, peft_type: str, overrides: dict | None = None, adapter_n
     """Inject a peft method into ``module`` in place; return the ``PeftModel`` handle (used to add
     and switch named adapters). Only the adapter's parameters stay trainable."""
     model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if model_type in ("clip_text_model", "clip_vision_model"):
+        model_type = "clip"  # a single CLIP tower: same layer names
     peft_config = build_peft_config(peft_type, model_type, overrides)
     try:
         return get_peft_model(module, peft_config, adapter_name=adapter_name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pandas as pd
 from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureType
 
@@ -40,6 +41,11 @@ class MultimodalSequentialDataset(SequentialDataset):
 
     # --- raw modalities, by internal item id (0 is padding) -----------------------------------------
 
+    def _item_interaction(self):
+        """``item_feat`` as an Interaction: it stays a DataFrame until ``build()`` (run by data_preparation)."""
+        feat = self.item_feat
+        return self._dataframe_to_interaction(feat) if isinstance(feat, pd.DataFrame) else feat
+
     def item_texts(self) -> list[str]:
         """Each item's text ('' where missing) from the ``text_field`` of the .item file."""
         field = self.config["text_field"]
@@ -47,9 +53,10 @@ class MultimodalSequentialDataset(SequentialDataset):
         if not field or self.item_feat is None or field not in self.item_feat:
             return texts
         ftype = self.field2type[field]
-        id2token = self.field2id_token[field]
-        values = self.item_feat[field].numpy()
-        items = self.item_feat[self.iid_field].numpy()
+        id2token = self.field2id_token.get(field)  # token fields only; others are rejected below
+        feat = self._item_interaction()
+        values = feat[field].numpy()
+        items = feat[self.iid_field].numpy()
         sep = self.config["seq_separator"] or " "
         for item, value in zip(items, values, strict=True):
             if ftype == FeatureType.TOKEN_SEQ:
@@ -76,7 +83,8 @@ class MultimodalSequentialDataset(SequentialDataset):
                     "(and list it in load_col) or unset image_field to use image_dir."
                 )
             id2path = self.field2id_token[field]
-            for item, value in zip(self.item_feat[self.iid_field].numpy(), self.item_feat[field].numpy(), strict=True):
+            feat = self._item_interaction()
+            for item, value in zip(feat[self.iid_field].numpy(), feat[field].numpy(), strict=True):
                 if value > 0:
                     paths[item] = os.path.join(self.config["data_path"], id2path[value])
             return paths

@@ -14,7 +14,6 @@ class FoundationModel(nn.Module):
     and preprocessing of each modality, for on-disk caches), and implement the two encoders."""
 
     modalities: tuple[str, ...] = ("text", "image")
-    model_type: str = ""
 
     def __init__(self):
         super().__init__()

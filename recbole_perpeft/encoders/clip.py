@@ -41,7 +41,7 @@ def image_preprocessing(path: str, default_size: int) -> tuple[int, tuple, tuple
 
 
 class ClipFoundation(FoundationModel):
-    model_type = "clip"
+    modalities = ("image", "text")  # the paper's item vector: [image_embeds ‖ text_embeds]
 
     def __init__(self, config):
         super().__init__()
@@ -68,5 +68,9 @@ class ClipFoundation(FoundationModel):
         return self.clip.visual_projection(out.pooler_output)
 
     def peft_backbones(self, modalities):
-        # One model holds both towers; the default target modules name layers of both.
-        return {"clip": self.clip} if modalities else {}
+        # Adapt only the towers that are encoded per batch: a LoRA on a tower whose features are
+        # cached would count as trainable and never train.
+        if set(modalities) >= {"text", "image"}:
+            return {"clip": self.clip}
+        towers = {"text": self.clip.text_model, "image": self.clip.vision_model}
+        return {m: towers[m] for m in modalities}

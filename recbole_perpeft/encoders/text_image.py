@@ -41,7 +41,6 @@ class TextImageFoundation(FoundationModel):
                 f"Could not load the text encoder '{path}' (text_encoder_path): {err}. Give a local "
                 "directory with a transformers model, or leave text_encoder_path unset for all-MiniLM-L6-v2."
             ) from err
-        self.model_type = self.text_model.config.model_type
         self.pooling = config["text_pooling"] or "mean"
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"text_pooling must be 'mean' or 'cls', got {self.pooling!r}.")
@@ -50,10 +49,14 @@ class TextImageFoundation(FoundationModel):
         self.image_size = config["image_size"] or 224
         self.image_mean, self.image_std = LITE_MEAN, LITE_STD
         self.requires_grad_(False)
+        # nn.Module starts in training mode: without this the frozen image features (computed and
+        # cached before anyone calls .train()/.eval()) used batch-norm batch statistics and random
+        # drop-connect. ":eval" in the cache id retires image features cached that way.
+        self.eval()
         self.out_dims = {"text": self.text_model.config.hidden_size, "image": self.image_model._fc.in_features}
         self.cache_ids = {
             "text": f"hf:{path}:{self.pooling}:{self.text_max_length}",
-            "image": f"efficientnet-lite0:{self.image_size}",
+            "image": f"efficientnet-lite0:{self.image_size}:eval",
         }
 
     def encode_text(self, input_ids, attention_mask):

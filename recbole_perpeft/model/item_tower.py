@@ -29,8 +29,12 @@ class ItemTower(nn.Module):
         self.adapted = adapted
         # Handles to the peft wrappers (add/switch named adapters); not registered as sub-modules,
         # the adapted layers already live inside self.foundation.
+        peft_kwargs = {}
+        if adapted:
+            peft_kwargs = dict((config["peft_defaults"] or {}).get(str(config["peft_type"]).upper()) or {})
+            peft_kwargs.update(config["peft_config"] or {})
         self.peft_models = [
-            attach_peft(module, config["peft_type"], config["peft_config"])
+            attach_peft(module, config["peft_type"], peft_kwargs)
             for module in self.foundation.peft_backbones(adapted).values()
         ]
 

@@ -1,0 +1,259 @@
+"""Each RecBole-1.2.1 compatibility fix in recbole_perpeft.compat (and setup.cfg) has a test that fails without it."""
+
+from __future__ import annotations
+
+import configparser
+import math
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import ModelType
+
+from recbole_perpeft import compat
+from recbole_perpeft.config import Config
+from recbole_perpeft.data import create_dataset, data_preparation
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def install_requires() -> str:
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg")
+    return parser["options"]["install_requires"]
+
+
+# --- numpy<2 -----------------------------------------------------------------------------------------
+
+
+def test_setup_cfg_pins_numpy_and_pandas():
+    requires = install_requires()
+    assert "numpy>=1.24,<2" in requires
+    assert "pandas>=2.0,<3" in requires
+
+
+def test_recbole_config_constructs_under_the_numpy_pin(base_config):
+    # numpy 2 removed np.float_, which RecBole's Config.compatibility_settings aliases: AttributeError.
+    assert int(np.__version__.split(".")[0]) < 2
+    config = Config(model="SASRec", dataset="ml-100k", config_dict=base_config)
+    assert config["model"] == "SASRec"
+    assert config["dataset"] == "ml-100k"
+    assert config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+    assert np.float is np.float_  # set by RecBole's compatibility_settings, only possible on numpy<2
+
+
+def test_check_environment_accepts_installed_versions():
+    compat.check_environment()  # raises on a broken pin
+    assert int(np.__version__.split(".")[0]) <= compat.NUMPY_MAX_MAJOR
+    assert int(pd.__version__.split(".")[0]) <= compat.PANDAS_MAX_MAJOR
+
+
+def test_check_environment_rejects_numpy_2(monkeypatch):
+    monkeypatch.setattr(compat.np, "__version__", "2.1.0")
+    with pytest.raises(ImportError, match=r"numpy 2\.1\.0.*numpy<2"):
+        compat.check_environment()
+
+
+def test_check_environment_rejects_pandas_3(monkeypatch):
+    monkeypatch.setattr(compat.pd, "__version__", "3.0.0")
+    with pytest.raises(ImportError, match=r"pandas 3\.0\.0.*pandas<3"):
+        compat.check_environment()
+
+
+def test_check_environment_names_every_broken_pin(monkeypatch):
+    monkeypatch.setattr(compat.np, "__version__", "2.0.2")
+    monkeypatch.setattr(compat.pd, "__version__", "3.0.0")
+    with pytest.raises(ImportError) as err:
+        compat.check_environment()
+    assert "numpy 2.0.2" in str(err.value) and "pandas 3.0.0" in str(err.value)
+    assert "pip install -e ." in str(err.value)
+
+
+def test_config_fails_early_on_a_broken_pin(monkeypatch, base_config):
+    monkeypatch.setattr(compat.np, "__version__", "2.1.0")
+    with pytest.raises(ImportError, match="numpy"):
+        Config(model="SASRec", dataset="ml-100k", config_dict=base_config)
+
+
+# --- pandas<3 ----------------------------------------------------------------------------------------
+
+
+def test_missing_atomic_values_are_filled(toy_dataset, toy_config):
+    # Item "3" has an empty title (token_seq) and item "2" an empty price (float). Under pandas 3 RecBole's
+    # fillna(inplace=True) is a no-op: the title NaN breaks the token split and the price stays NaN.
+    config = toy_config("GlobalPEFT", toy_dataset)
+    dataset = create_dataset(config)
+    item_feat = dataset.item_feat
+    assert isinstance(item_feat, pd.DataFrame)  # not built yet: the frame RecBole filled
+    assert not item_feat["price"].isna().any()
+    assert not dataset.inter_feat["timestamp"].isna().any()
+    assert all(isinstance(v, np.ndarray) for v in item_feat["title"])
+
+    tokens = dataset.field2id_token["item_id"]
+    row = {token: i for i, token in enumerate(tokens)}
+    prices = item_feat.set_index("item_id")["price"]
+    titles = item_feat.set_index("item_id")["title"]
+
+    # The missing price is the mean of the prices that were given.
+    given = [price for token, price in toy_dataset.prices.items() if price is not None and token in row]
+    assert math.isclose(prices[row["2"]], float(np.mean(given)), rel_tol=1e-9)
+    for token, price in toy_dataset.prices.items():
+        if price is not None and token in row:
+            assert prices[row[token]] == price
+    # The empty title is an empty token sequence; the others keep all their tokens.
+    assert len(titles[row["3"]]) == 0
+    title_tokens = dataset.field2id_token["title"]
+    assert [title_tokens[t] for t in titles[row["1"]]] == toy_dataset.titles["1"].split()
+    # ... and survives build() (data_preparation) as a padded row.
+    data_preparation(config, dataset)
+    assert dataset.item_feat["title"][row["3"]].sum().item() == 0
+    assert not torch.isnan(dataset.item_feat["price"]).any()
+
+
+# --- torch weights_only -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sasrec_run(toy_dataset, toy_config, in_tmp_path):
+    """A tiny SASRec, its data and a config whose outputs stay in tmp_path."""
+    from recbole.model.sequential_recommender import SASRec
+    from recbole.utils import init_seed
+
+    config = toy_config("SASRec", toy_dataset, hidden_size=8, inner_size=16, n_layers=1, n_heads=1)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    def new_model(seed):
+        init_seed(seed, True)
+        return SASRec(config, train_data._dataset)
+
+    return config, new_model, test_data
+
+
+def test_with_safe_checkpoints_is_idempotent_and_keeps_the_trainer():
+    safe = compat.with_safe_checkpoints(Trainer)
+    assert issubclass(safe, Trainer) and issubclass(safe, compat.SafeCheckpointMixin)
+    assert safe.__mro__[1] is compat.SafeCheckpointMixin  # the mixin's _save_checkpoint wins
+    assert compat.with_safe_checkpoints(safe) is safe
+    assert safe.__name__ == "Trainer"
+
+
+def test_get_trainer_always_writes_safe_checkpoints():
+    from recbole_perpeft.utils import get_trainer
+
+    assert issubclass(get_trainer(ModelType.SEQUENTIAL, "SASRec"), compat.SafeCheckpointMixin)
+    assert issubclass(get_trainer(ModelType.GENERAL, "BPR"), compat.SafeCheckpointMixin)
+    assert issubclass(get_trainer(ModelType.SEQUENTIAL, "GlobalPEFT"), compat.SafeCheckpointMixin)
+
+
+def test_safe_checkpoint_loads_with_weights_only(sasrec_run):
+    config, new_model, test_data = sasrec_run
+    model = new_model(1)
+    trainer = compat.with_safe_checkpoints(Trainer)(config, model)
+    trainer.best_valid_score = np.float64(0.25)  # RecBole's metrics are numpy scalars
+    trainer.cur_step = 2
+    trainer._save_checkpoint(3, verbose=False)
+
+    path = Path(trainer.saved_model_file)
+    assert path.is_file() and path.parent == Path(config["checkpoint_dir"])
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["config"]["model"] == "SASRec"
+    assert checkpoint["epoch"] == 3 and checkpoint["cur_step"] == 2
+    assert checkpoint["best_valid_score"] == 0.25 and type(checkpoint["best_valid_score"]) is float
+    assert checkpoint["state_dict"].keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(checkpoint["state_dict"][name], value)
+
+
+def test_recbole_resume_and_evaluate_read_safe_checkpoints(sasrec_run):
+    config, new_model, test_data = sasrec_run
+    safe_trainer = compat.with_safe_checkpoints(Trainer)
+    saved = safe_trainer(config, new_model(1))
+    saved.best_valid_score = np.float64(0.5)
+    saved._save_checkpoint(4, verbose=False)
+    original = {k: v.clone() for k, v in saved.model.state_dict().items()}
+
+    # RecBole's own, unchanged resume_checkpoint (torch.load with torch's weights_only default).
+    other_model = new_model(2)
+    assert not all(torch.equal(original[k], v) for k, v in other_model.state_dict().items())
+    resumed = safe_trainer(config, other_model)
+    resumed.resume_checkpoint(saved.saved_model_file)
+    assert resumed.start_epoch == 5
+    assert resumed.best_valid_score == 0.5
+    for name, value in other_model.state_dict().items():
+        assert torch.equal(value, original[name])
+
+    # ... and evaluate(load_best_model=True) loads the same file.
+    third = safe_trainer(config, new_model(3))
+    result = third.evaluate(test_data, load_best_model=True, model_file=saved.saved_model_file)
+    assert set(result) == {"hit@5", "ndcg@5"}
+    for name, value in third.model.state_dict().items():
+        assert torch.equal(value, original[name])
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_unpatched_recbole_checkpoint_is_refused_by_weights_only(sasrec_run, tmp_path):
+    # The failure the mixin addresses: RecBole pickles its Config into every checkpoint.
+    config, new_model, _ = sasrec_run
+    trainer = Trainer(config, new_model(1))
+    path = tmp_path / "recbole.pth"
+    trainer._save_checkpoint(1, verbose=False, saved_model_file=str(path))
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
+        torch.load(path, weights_only=True)
+    with pytest.raises(pickle.UnpicklingError):
+        Trainer(config, new_model(2)).resume_checkpoint(str(path))
+
+
+# --- ray / recbole.quick_start ----------------------------------------------------------------------
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+
+
+def test_our_entry_points_never_import_ray_or_recbole_quick_start():
+    result = run_python(
+        """
+        import sys
+        import recbole_perpeft.quick_start
+        import recbole_perpeft.trainer
+        from recbole.utils import ModelType
+        from recbole_perpeft.utils import get_trainer
+        get_trainer(ModelType.SEQUENTIAL, "SASRec")
+        get_trainer(ModelType.SEQUENTIAL, "GlobalPEFT")
+        print("LOADED", sorted(m for m in ("ray", "recbole.quick_start") if m in sys.modules))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
+
+
+def test_recbole_quick_start_is_the_hazard():
+    # Control for the test above: importing recbole.quick_start either fails (ray needs pkg_resources)
+    # or drags ray in. Either way our code must not touch it.
+    result = run_python(
+        """
+        import sys
+        try:
+            import recbole.quick_start
+        except ImportError as err:
+            print("FAILED", type(err).__name__, err)
+        else:
+            print("RAY", "ray" in sys.modules)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "FAILED" in result.stdout or "RAY True" in result.stdout

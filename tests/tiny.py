@@ -1,0 +1,231 @@
+"""Builders of tiny, fully offline fixtures for tests: an atomic dataset with titles and images,
+a tiny CLIP checkpoint (model + tokenizer + preprocessor config) on disk, and quick configs.
+
+Plain module (not a conftest): ``from tests.tiny import make_atomic_dataset, make_tiny_clip``."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+from typing import NamedTuple
+
+# Nothing in the test suite may reach the network; set before transformers / huggingface_hub
+# are imported (they read these once).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_SCRIPT = REPO_ROOT / "run_recbole_perpeft.py"
+POSTERS_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k-posters" / "images"
+
+WORDS = [
+    "the", "blue", "river", "night", "city", "lost", "star", "dark", "king", "love", "war", "road",
+    "moon", "sea", "fire", "day", "iron", "red", "last", "gold", "wind", "dream", "ghost", "storm",
+]  # fmt: skip
+
+
+def _title(index: int) -> str:
+    # Distinct per item, and only characters the tiny CLIP tokenizer knows.
+    return f"{WORDS[index % len(WORDS)]} {WORDS[(index * 7 + 3) % len(WORDS)]} {index}"
+
+
+def item_token(index: int) -> str:
+    """Item tokens are '101', '102', ... so they never coincide with RecBole's internal ids."""
+    return str(101 + index)
+
+
+def make_atomic_dataset(
+    root,
+    name: str,
+    n_users: int = 30,
+    n_items: int = 25,
+    with_images: bool = True,
+    missing_images=(),
+    empty_titles=(),
+    seed: int = 0,
+) -> dict:
+    """Write ``<root>/<name>/<name>.inter``, ``<name>.item`` and (``with_images``) one small JPEG
+    per item in ``<root>/<name>/images/<item_id>.jpg``; return the config keys for the dataset.
+
+    Every user has 8-12 interactions with distinct items, and every item has at least 5, so
+    RecBole's default 5-core filtering (properties/overall.yaml) keeps all of them.
+    ``missing_images`` / ``empty_titles``: item tokens written without an image / with an empty title.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tokens = [item_token(i) for i in range(n_items)]
+
+    counts = np.zeros(n_items, dtype=int)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for u in range(n_users):
+        length = min(8 + u % 5, n_items)
+        start = (u * 3) % n_items
+        items = [(start + j) % n_items for j in range(length)]  # consecutive: covers items evenly
+        rng.shuffle(items)
+        for t, i in enumerate(items):
+            counts[i] += 1
+            lines.append(f"u{u + 1}\t{tokens[i]}\t{1_000_000 + u * 1000 + t}")
+    if n_users >= 10 and counts.min() < 5:
+        raise AssertionError(f"tiny dataset builder: an item has only {counts.min()} interactions")
+    (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
+
+    item_lines = ["item_id:token\ttitle:token_seq"]
+    for i, tok in enumerate(tokens):
+        item_lines.append(f"{tok}\t{'' if tok in set(empty_titles) else _title(i)}")
+    (folder / f"{name}.item").write_text("\n".join(item_lines) + "\n")
+
+    image_dir = folder / "images"
+    if with_images:
+        image_dir.mkdir(exist_ok=True)
+        for i, tok in enumerate(tokens):
+            if tok in set(missing_images):
+                continue
+            base = rng.integers(0, 256, size=3)
+            pixels = np.empty((40, 36, 3), dtype=np.uint8)
+            pixels[:] = base
+            pixels[: 10 + i % 20, :, i % 3] = 255 - base[i % 3]  # a band, different per item
+            Image.fromarray(pixels).save(image_dir / f"{tok}.jpg", quality=90)
+
+    return {
+        "data_path": str(root),
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
+        "text_field": "title",
+        "image_dir": str(image_dir),
+    }
+
+
+def quick_config(tmp_path, **overrides) -> dict:
+    """Keys that keep a run small and inside ``tmp_path`` (checkpoints, caches)."""
+    tmp_path = Path(tmp_path)
+    config = {
+        "epochs": 1,
+        "show_progress": False,
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "cache_dir": str(tmp_path / "cache"),
+        "train_batch_size": 8,
+        "eval_batch_size": 64,
+        "hidden_size": 16,
+        "inner_size": 32,
+        "n_heads": 2,
+        "projector_hidden_size": 32,
+        "image_size": 32,
+        "text_max_length": 16,
+        "worker": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+# --- tiny CLIP ----------------------------------------------------------------------------------------
+
+CLIP_CHARS = string.ascii_lowercase + string.digits + "().,:'!&-?"
+TINY_MEAN = [0.5, 0.4, 0.3]
+TINY_STD = [0.25, 0.2, 0.3]
+
+
+class TinyClip(NamedTuple):
+    path: str
+    model: object  # transformers.CLIPModel, in memory (eval mode)
+    tokenizer: object  # transformers.CLIPTokenizer
+
+
+def tiny_clip_vocab() -> dict[str, int]:
+    """Character-level BPE vocabulary: every character alone and with CLIP's '</w>' word-end suffix,
+    then the special tokens (last, as in the real CLIP vocabulary)."""
+    tokens = list(CLIP_CHARS) + [c + "</w>" for c in CLIP_CHARS]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def make_tiny_clip(directory, seed: int = 0) -> TinyClip:
+    """A tiny random CLIP saved in ``directory`` with a working CLIPTokenizer and a
+    preprocessor_config.json, loadable by ``CLIPModel/CLIPTokenizer.from_pretrained(directory)``."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_clip_vocab()
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per character
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory))
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert (bos, eos) == (vocab["<|startoftext|>"], vocab["<|endoftext|>"]), "tokenizer ignores vocab.json"
+
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            # Must be the tokenizer's: CLIP pools the text at the first EOS token.
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": 32},
+        "do_center_crop": True,
+        "crop_size": {"height": 32, "width": 32},
+        "do_normalize": True,
+        "image_mean": TINY_MEAN,
+        "image_std": TINY_STD,
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return TinyClip(str(directory), model, tokenizer)
+
+
+# --- models in-process ----------------------------------------------------------------------------------
+
+
+def build_config(model: str, dataset: str, config_dict: dict):
+    from recbole_perpeft.config import Config
+
+    return Config(model=model, dataset=dataset, config_dict=dict(config_dict))
+
+
+def build_model(model: str, dataset: str, config_dict: dict, seed: int | None = None):
+    """Config, dataset, loaders and an initialised model, as quick_start.run builds them
+    (no logger set-up, no training). Returns (config, model, train_data, valid_data, test_data)."""
+    from recbole.utils import init_seed
+
+    from recbole_perpeft.data import create_dataset, data_preparation
+    from recbole_perpeft.utils import get_model
+
+    config = build_config(model, dataset, config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    data = create_dataset(config)
+    model_class = get_model(config["model"])
+    train_data, valid_data, test_data = data_preparation(config, data, model_class)
+    init_seed(config["seed"] if seed is None else seed, config["reproducibility"])
+    instance = model_class(config, train_data._dataset)
+    return config, instance, train_data, valid_data, test_data
