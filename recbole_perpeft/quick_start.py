@@ -47,11 +47,28 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     train_data, valid_data, test_data = data_preparation(config, dataset, model_class)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    if getattr(model_class, "grouped", False):
+        from recbole_perpeft.perpeft_runner import PerPEFTRun
+
+        outcome = PerPEFTRun(config, train_data, valid_data, test_data, saved=saved).run(resume)
+    else:
+        outcome = train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume)
+    logger.info(set_color("best valid ", "yellow") + f": {outcome['best_valid_result']}")
+    logger.info(set_color("test result", "yellow") + f": {outcome['test_result']}")
+    result = {"model": config["model"], "dataset": config["dataset"], "config": config.final_config_dict, **outcome}
+    if result_file:
+        write_json(result_file, result)
+        logger.info(f"Result written to {result_file}")
+    return json_safe(result)
+
+
+def train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume) -> dict:
+    """One model, one stage: RecBole's fit (best validation checkpoint) and test."""
+    logger = getLogger()
     model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
     parameters = trainable_parameters_by_component(model)
     logger.info(set_color("trainable parameters", "blue") + f": {parameters}")
-
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if resume:
         trainer.resume_checkpoint(resume)
@@ -62,26 +79,15 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     train_seconds = time() - start
     start = time()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
-    eval_seconds = time() - start
-    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
-    logger.info(set_color("test result", "yellow") + f": {test_result}")
-
-    result = {
-        "model": config["model"],
-        "dataset": config["dataset"],
-        "config": config.final_config_dict,
+    return {
         "best_valid_score": best_valid_score,
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "trainable_parameters": parameters,
         "seconds": {
             "train": train_seconds,
-            "eval": eval_seconds,
+            "eval": time() - start,
             "per_epoch": getattr(trainer, "epoch_seconds", None),
         },
         "checkpoint": trainer.saved_model_file if saved else None,
     }
-    if result_file:
-        write_json(result_file, result)
-        logger.info(f"Result written to {result_file}")
-    return json_safe(result)

@@ -13,6 +13,7 @@ from recbole_perpeft.compat import with_safe_checkpoints
 MODELS = {
     "GlobalPEFT": "recbole_perpeft.model.sequential_recommender.globalpeft",
     "FrozenMM": "recbole_perpeft.model.sequential_recommender.frozenmm",
+    "PerPEFT": "recbole_perpeft.model.sequential_recommender.perpeft",
 }
 
 
@@ -52,7 +53,7 @@ def trainable_parameters_by_component(model) -> dict:
         components = model.parameter_components()
     else:
         components = dict(model.named_children())
-    counts = {name: count_parameters(module) for name, module in components.items()}
+    counts = {name: m if isinstance(m, int) else count_parameters(m) for name, m in components.items()}
     counts = {name: n for name, n in counts.items() if n}
     counts["total"] = count_parameters(model)
     if hasattr(model, "foundation_parameter_count"):

@@ -3,7 +3,10 @@
 RecBole's sequential pipeline trains on every prefix of every sequence, which multiplies the
 foundation-model work by the sequence length. Our models instead see each user once per epoch:
 the last MAX_ITEM_LIST_LENGTH training items as input and the next item at every position as the
-target (Eq. 1), with one sampled negative per position."""
+target (Eq. 1), with one sampled negative per position.
+
+:class:`GroupedUserSequenceDataLoader` (PerPEFT §3.3.2) makes every batch hold users of one group,
+so a batch trains one group's PEFT modules, and tags it with ``GROUP_ID``."""
 
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ import numpy as np
 import torch
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
+from recbole.data.transform import construct_transform
+from recbole.utils import ModelType
 
 TARGET_LIST = "target_item_list"
 NEG_LIST = "neg_item_list"
+GROUP_ID = "group_id"
 
 
 def last_row_per_user(dataset) -> np.ndarray:
@@ -55,9 +61,114 @@ class UserSequenceDataLoader(AbstractDataLoader):
         self.step = batch_size
         self.set_batch_size(batch_size)
 
-    def collate_fn(self, index):
+    def _rows(self, index):
+        """The users' rows of ``index`` and their history (input and target items) to exclude."""
         batch = self.user_data[torch.as_tensor(np.asarray(index), dtype=torch.long)]
-        seq, targets = batch[self.seq_field], batch[TARGET_LIST]
-        history = torch.cat([seq, targets], dim=1)
-        batch.update(Interaction({NEG_LIST: self._sampler.sample(history, seq.shape[1])}))
+        history = torch.cat([batch[self.seq_field], batch[TARGET_LIST]], dim=1)
+        return batch, history
+
+    def collate_fn(self, index):
+        batch, history = self._rows(index)
+        batch.update(Interaction({NEG_LIST: self._sampler.sample(history, batch[self.seq_field].shape[1])}))
+        return batch
+
+
+class GroupBatchSampler(torch.utils.data.Sampler):
+    """Lists of row indices, each of at most ``batch_size`` rows of one group.
+
+    Per epoch: each group's rows are shuffled and cut into batches, then all groups' batches are
+    shuffled together, from a generator seeded with (seed, epoch). The epoch counts the iterations
+    started so far, so two samplers with the same seed yield the same sequence of epochs. Without
+    shuffling: group 0's batches first (rows in order), then group 1's, etc."""
+
+    def __init__(self, row_group: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+        self.row_group = np.asarray(row_group)
+        self.groups = np.unique(self.row_group)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        sizes = np.bincount(np.searchsorted(self.groups, self.row_group), minlength=len(self.groups))
+        return int(sum(-(-int(size) // self.batch_size) for size in sizes))
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of ``epoch`` (no side effect)."""
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        batches = []
+        for group in self.groups:
+            rows = np.flatnonzero(self.row_group == group)
+            if rng is not None:
+                rows = rng.permutation(rows)
+            batches += [rows[i : i + self.batch_size].tolist() for i in range(0, len(rows), self.batch_size)]
+        if rng is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return iter(self.batches(epoch))
+
+
+class GroupedUserSequenceDataLoader(UserSequenceDataLoader):
+    """:class:`UserSequenceDataLoader` whose batches each hold users of one group (PerPEFT §3.3.2).
+
+    ``group_of_user[u]`` is the group of internal user id ``u`` (-1: none); every user of the
+    training data needs a group. Batches carry ``GROUP_ID`` [B] (one value) and draw their
+    negatives with ``sampler.sample(history, L, group=g)`` (group pools with a
+    :class:`~recbole_perpeft.data.sampler.GroupNegativeSampler`, all items with a
+    :class:`~recbole_perpeft.data.sampler.SequenceNegativeSampler`). Batch order: see
+    :class:`GroupBatchSampler`; it is seeded from ``config["seed"]`` and the epoch."""
+
+    def __init__(self, config, dataset, sampler, group_of_user: np.ndarray, shuffle=True):
+        if not config["single_spec"]:
+            raise ValueError("GroupedUserSequenceDataLoader does not support distributed training.")
+        self.user_data = user_sequences(dataset)
+        self.sample_size = len(self.user_data)
+        self.seq_field = dataset.item_id_list_field
+        group_of_user = np.asarray(group_of_user)
+        users = self.user_data[dataset.uid_field].numpy()
+        if len(users) and users.max() >= len(group_of_user):
+            raise ValueError(f"group_of_user has {len(group_of_user)} entries; user id {users.max()} has none.")
+        self.row_group = group_of_user[users].astype(np.int64)
+        ungrouped = int((self.row_group < 0).sum())
+        if ungrouped:
+            raise ValueError(f"{ungrouped} user(s) of the training data have no group (group_of_user < 0).")
+
+        # What AbstractDataLoader.__init__ sets; it cannot be called since it passes batch_size/shuffle
+        # to torch's DataLoader, which then rejects a batch_sampler.
+        self.shuffle = shuffle
+        self.config = config
+        self._dataset = dataset
+        self._sampler = sampler
+        self._batch_size = self.step = self.model = None
+        self._init_batch_size_and_step()
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config["seed"])
+        self.transform = construct_transform(config)
+        self.is_sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+        self.group_batch_sampler = GroupBatchSampler(self.row_group, self.step, shuffle, config["seed"])
+        torch.utils.data.DataLoader.__init__(
+            self,
+            dataset=list(range(self.sample_size)),
+            batch_sampler=self.group_batch_sampler,
+            collate_fn=self.collate_fn,
+            num_workers=config["worker"],
+            generator=self.generator,
+        )
+
+    def _init_batch_size_and_step(self):
+        super()._init_batch_size_and_step()
+        if hasattr(self, "group_batch_sampler"):  # update_config after construction
+            self.group_batch_sampler.batch_size = self.step
+
+    def collate_fn(self, index):
+        groups = np.unique(self.row_group[np.asarray(index)])
+        if len(groups) != 1:
+            raise ValueError(f"A batch holds users of groups {groups.tolist()}; expected one group.")
+        group = int(groups[0])
+        batch, history = self._rows(index)
+        negatives = self._sampler.sample(history, batch[self.seq_field].shape[1], group=group)
+        batch.update(Interaction({NEG_LIST: negatives, GROUP_ID: torch.full((len(index),), group, dtype=torch.long)}))
         return batch

@@ -3,6 +3,7 @@ learned placeholders for missing modalities, and the MLP projector onto the reco
 
 from __future__ import annotations
 
+import copy
 import os
 from logging import getLogger
 
@@ -39,6 +40,7 @@ class ItemTower(nn.Module):
         ]
 
         self._pixels = None
+        self.n_groups = 0
         for m in self.modalities:
             if m == "text":
                 tokens = store.text_tokens(
@@ -132,5 +134,60 @@ class ItemTower(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """[U] item ids -> [U, hidden_size]; callers pass distinct ids so each item is encoded once."""
-        parts = [self.projector["norms"][m](self.modality_vector(m, items)) for m in self.modalities]
-        return self.projector["mlp"](torch.cat(parts, dim=-1))
+        projector = self.projector if self.active_group is None else self.group_projectors[self.active_group]
+        parts = [projector["norms"][m](self.modality_vector(m, items)) for m in self.modalities]
+        return projector["mlp"](torch.cat(parts, dim=-1))
+
+    # --- per-group adapters and projectors (PerPEFT) ---------------------------------------------------
+
+    active_group: int | None = None
+    GLOBAL_ADAPTER = "default"
+
+    @staticmethod
+    def group_adapter(group: int) -> str:
+        return f"group_{group}"
+
+    def adapter_names(self) -> list[str]:
+        return [name for handle in self.peft_models for name in handle.peft_config]
+
+    def is_adapter_key(self, key: str) -> bool:
+        """Whether a foundation state key belongs to any peft adapter (trainable or not right now)."""
+        return any(f".{a}." in key or key.endswith(f".{a}") for a in self.adapter_names())
+
+    def adapter_parameters(self, adapter: str) -> dict[str, nn.Parameter]:
+        """The foundation's parameters that belong to one named peft adapter."""
+        return {
+            name: p
+            for name, p in self.foundation.named_parameters()
+            if f".{adapter}." in name or name.endswith(f".{adapter}")
+        }
+
+    def add_groups(self, n_groups: int) -> None:
+        """One adapter (peft named adapter) and one projector per group, each a copy of the global
+        ones (paper §3.3.3); the global adapter and projector stay, frozen, for the global path."""
+        global_adapter = self.adapter_parameters(self.GLOBAL_ADAPTER)
+        for group in range(n_groups):
+            name = self.group_adapter(group)
+            for handle in self.peft_models:
+                handle.add_adapter(name, handle.peft_config[self.GLOBAL_ADAPTER])
+            copies = self.adapter_parameters(name)
+            with torch.no_grad():
+                for key, param in global_adapter.items():
+                    copies[key.replace(f".{self.GLOBAL_ADAPTER}", f".{name}")].copy_(param)
+        self.group_projectors = nn.ModuleList(copy.deepcopy(self.projector) for _ in range(n_groups))
+        self.projector.requires_grad_(False)
+        self.n_groups = n_groups
+        self.activate(None)
+
+    def activate(self, group: int | None) -> None:
+        """Route items through one group's adapter and projector (None: the global ones).
+
+        peft's set_adapter also flips requires_grad; we keep every group's adapter trainable (one
+        optimizer for all groups: an inactive adapter simply gets no gradient) and the global one frozen."""
+        name = self.GLOBAL_ADAPTER if group is None else self.group_adapter(group)
+        for handle in self.peft_models:
+            handle.set_adapter(name)
+        for adapter in [self.GLOBAL_ADAPTER] + [self.group_adapter(g) for g in range(self.n_groups)]:
+            for param in self.adapter_parameters(adapter).values():
+                param.requires_grad_(adapter != self.GLOBAL_ADAPTER)
+        self.active_group = group

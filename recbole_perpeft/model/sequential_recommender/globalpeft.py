@@ -113,10 +113,13 @@ class GlobalPEFT(SequentialRecommender):
         }
 
     def foundation_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.item_tower.foundation.parameters() if not p.requires_grad)
+        tower = self.item_tower
+        return sum(p.numel() for n, p in tower.foundation.named_parameters() if not tower.is_adapter_key(n))
 
     def _is_frozen_foundation_key(self, key: str, trainable: set) -> bool:
-        return key.startswith(FOUNDATION_PREFIX) and key not in trainable
+        if not key.startswith(FOUNDATION_PREFIX) or key in trainable:
+            return False
+        return not self.item_tower.is_adapter_key(key)  # adapters are kept even while frozen
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         """Without the frozen foundation weights: they are reloaded from their source, and

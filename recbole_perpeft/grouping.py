@@ -1,0 +1,187 @@
+"""User grouping by interest vectors (PerPEFT §3.2.2).
+
+Users are clustered on their interest vectors; each group later gets its own PEFT adapter and its own
+candidate item pool I^(c) (§3.3.2). Only real users with data enter the fit, labels are indexed by
+internal RecBole user id (-1 = padding id 0 or a user left out), and a group that ends up empty is
+dropped so that no adapter is ever trained on nothing. The fitted model is kept as plain arrays so a
+checkpoint can hold it (``torch.load(weights_only=True)``) and new users can be assigned later."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.mixture import GaussianMixture
+from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
+
+METHODS = ("kmeans", "gmm", "random")
+_ARRAY_FIELDS = ("centers", "gmm_weights", "gmm_means", "gmm_covariances")
+
+
+@dataclass
+class UserGroups:
+    labels: np.ndarray  # [n_users] int64: group of each internal user id; -1 = not grouped
+    n_groups: int
+    method: str  # "kmeans" | "gmm" | "random"
+    seed: int
+    centers: np.ndarray | None = None  # kmeans: [C, D] float32 centroids
+    gmm_weights: np.ndarray | None = None  # gmm ('full' covariances): [C]
+    gmm_means: np.ndarray | None = None  # [C, D]
+    gmm_covariances: np.ndarray | None = None  # [C, D, D]
+
+    def sizes(self) -> list[int]:
+        """Users per group (length ``n_groups``); ungrouped ids are not counted."""
+        return np.bincount(self.labels[self.labels >= 0], minlength=self.n_groups).tolist()
+
+    def assign(self, vectors: np.ndarray) -> np.ndarray:
+        """Groups [M] int64 of new users' interest vectors [M, D], by the rule the fit used."""
+        vectors = np.asarray(vectors)
+        if self.method == "random":
+            return np.random.default_rng(self.seed).integers(self.n_groups, size=len(vectors)).astype(np.int64)
+        if vectors.ndim != 2:
+            raise ValueError(f"assign expects interest vectors of shape [M, D], got {vectors.shape}.")
+        if self.method == "kmeans":
+            # Same rule as KMeans.predict: nearest centroid in Euclidean distance (||x||^2 is constant per row).
+            x, c = vectors.astype(np.float64), self.centers.astype(np.float64)
+            return np.argmin((c * c).sum(axis=1)[None, :] - 2.0 * x @ c.T, axis=1).astype(np.int64)
+        if self.method == "gmm":
+            return self._gaussian_mixture().predict(vectors.astype(np.float64)).astype(np.int64)
+        raise ValueError(f"Unknown grouping method {self.method!r}; expected one of {METHODS}.")
+
+    def _gaussian_mixture(self) -> GaussianMixture:
+        """A fitted-equivalent sklearn model rebuilt from the stored parameters."""
+        gm = GaussianMixture(n_components=self.n_groups, covariance_type="full", random_state=self.seed)
+        gm.weights_ = self.gmm_weights
+        gm.means_ = self.gmm_means
+        gm.covariances_ = self.gmm_covariances
+        gm.precisions_cholesky_ = _compute_precision_cholesky(self.gmm_covariances, "full")
+        gm.precisions_ = gm.precisions_cholesky_ @ gm.precisions_cholesky_.transpose(0, 2, 1)
+        gm.n_features_in_ = self.gmm_means.shape[1]
+        gm.converged_, gm.n_iter_, gm.lower_bound_ = True, 0, 0.0
+        return gm
+
+    def to_state(self) -> dict:
+        """Tensors and plain str/int only, so ``torch.load(weights_only=True)`` can read it back."""
+        state = {
+            "labels": torch.from_numpy(np.ascontiguousarray(self.labels, dtype=np.int64)),
+            "n_groups": int(self.n_groups),
+            "method": str(self.method),
+            "seed": int(self.seed),
+        }
+        for name in _ARRAY_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                state[name] = torch.from_numpy(np.ascontiguousarray(value))
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> UserGroups:
+        arrays = {name: state[name].numpy() for name in _ARRAY_FIELDS if state.get(name) is not None}
+        return cls(
+            labels=state["labels"].numpy().astype(np.int64),
+            n_groups=int(state["n_groups"]),
+            method=str(state["method"]),
+            seed=int(state["seed"]),
+            **arrays,
+        )
+
+
+def fit_user_groups(
+    vectors: np.ndarray,
+    user_ids: np.ndarray,
+    n_users: int,
+    n_groups: int = 8,
+    method: str = "kmeans",
+    seed: int = 2024,
+) -> UserGroups:
+    """Cluster the interest vectors [U, D] of real users ``user_ids`` [U] (internal ids 1..n_users-1).
+
+    Deterministic for a given seed. Empty groups are dropped and the rest relabelled 0..C'-1 in order."""
+    vectors, user_ids = np.asarray(vectors), np.asarray(user_ids, dtype=np.int64)
+    if method not in METHODS:
+        raise ValueError(f"Unknown grouping method {method!r}; expected one of {', '.join(METHODS)}.")
+    if vectors.ndim != 2 or user_ids.ndim != 1 or len(vectors) != len(user_ids):
+        raise ValueError(
+            f"Expected vectors [U, D] and user_ids [U] of the same length, got {vectors.shape} and {user_ids.shape}."
+        )
+    if (user_ids == 0).any():
+        raise ValueError("user_ids contains 0, the padding id: only real users may enter the grouping.")
+    if ((user_ids < 0) | (user_ids >= n_users)).any():
+        raise ValueError(f"user_ids must be internal ids in 1..{n_users - 1} (n_users={n_users}).")
+    if len(np.unique(user_ids)) != len(user_ids):
+        raise ValueError("user_ids contains duplicates: each user needs exactly one interest vector.")
+    if not np.isfinite(vectors).all():
+        raise ValueError("Interest vectors contain NaN or inf.")
+    n_fit = len(user_ids)
+    if not 1 <= n_groups <= n_fit:
+        raise ValueError(
+            f"n_groups={n_groups} is invalid for {n_fit} users with interest vectors: "
+            f"it must be between 1 and {n_fit}; lower --n_groups (or raise it to at least 1)."
+        )
+
+    params: dict[str, np.ndarray] = {}
+    if method == "kmeans":
+        km = KMeans(n_clusters=n_groups, init="k-means++", n_init=10, random_state=seed)
+        km.fit(vectors.astype(np.float32))
+        fit_labels = km.labels_
+        params["centers"] = km.cluster_centers_.astype(np.float32)
+    elif method == "gmm":
+        x = vectors.astype(np.float64)
+        gm = GaussianMixture(n_components=n_groups, covariance_type="full", random_state=seed, reg_covar=1e-4)
+        fit_labels = gm.fit(x).predict(x)  # = posterior argmax, so assign() reproduces the fit's labels
+        params.update(gmm_weights=gm.weights_, gmm_means=gm.means_, gmm_covariances=gm.covariances_)
+    else:
+        fit_labels = np.random.default_rng(seed).integers(n_groups, size=n_fit)
+
+    fit_labels = np.asarray(fit_labels, dtype=np.int64)
+    counts = np.bincount(fit_labels, minlength=n_groups)
+    kept = np.flatnonzero(counts > 0)
+    if len(kept) < n_groups:
+        empty = np.flatnonzero(counts == 0).tolist()
+        logging.getLogger().warning(
+            f"User grouping ({method}, seed {seed}): group(s) {empty} of {n_groups} got no users; "
+            f"dropped, {len(kept)} groups remain."
+        )
+        remap = np.full(n_groups, -1, dtype=np.int64)
+        remap[kept] = np.arange(len(kept))
+        fit_labels = remap[fit_labels]
+        params = {name: value[kept] for name, value in params.items()}
+        if "gmm_weights" in params:
+            params["gmm_weights"] = params["gmm_weights"] / params["gmm_weights"].sum()
+
+    labels = np.full(n_users, -1, dtype=np.int64)
+    labels[user_ids] = fit_labels
+    groups = UserGroups(labels=labels, n_groups=len(kept), method=method, seed=seed, **params)
+    logging.getLogger().info(f"User grouping ({method}, seed {seed}): {groups.n_groups} groups, sizes {groups.sizes()}")
+    return groups
+
+
+def group_item_pools(groups: UserGroups, user_ids: np.ndarray, histories: np.ndarray, n_items: int) -> list[np.ndarray]:
+    """I^(c) for each group c: sorted unique item ids (> 0) in the training histories of its users.
+
+    ``histories`` [U, T] holds item ids (0 = padding); row i belongs to user ``user_ids[i]``. Users that
+    are not grouped (label -1) contribute nothing."""
+    user_ids, histories = np.asarray(user_ids, dtype=np.int64), np.asarray(histories, dtype=np.int64)
+    if histories.ndim != 2 or len(histories) != len(user_ids):
+        raise ValueError(f"Expected histories [U, T] for {len(user_ids)} users, got {histories.shape}.")
+    if ((histories < 0) | (histories >= n_items)).any():
+        raise ValueError(f"histories must hold item ids in 0..{n_items - 1} (n_items={n_items}).")
+    row_groups = groups.labels[user_ids]
+    rows = np.flatnonzero(row_groups >= 0)
+    present = np.zeros((groups.n_groups, n_items), dtype=bool)
+    present[np.repeat(row_groups[rows], histories.shape[1]), histories[rows].reshape(-1)] = True
+    present[:, 0] = False
+    return [np.flatnonzero(present[c]).astype(np.int64) for c in range(groups.n_groups)]
+
+
+def training_item_pools(train_dataset, groups: UserGroups) -> list[np.ndarray]:
+    """I^(c) from RecBole's augmented training split: every training item is some row's target or
+    in its item list, so the rows' items cover each user's whole training sequence."""
+    feat = train_dataset.inter_feat
+    rows = np.concatenate(
+        [feat[train_dataset.item_id_list_field].numpy(), feat[train_dataset.iid_field].numpy()[:, None]], axis=1
+    )
+    return group_item_pools(groups, feat[train_dataset.uid_field].numpy(), rows, train_dataset.item_num)
