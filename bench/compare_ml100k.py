@@ -1,9 +1,11 @@
-"""GlobalPEFT (LoRA) vs FrozenMM vs SASRec on multimodal ml-100k: test metrics and seconds per epoch.
+"""PerPEFT vs GlobalPEFT (LoRA) vs FrozenMM vs SASRec on multimodal ml-100k: test metrics and
+seconds per training epoch.
 
     python bench/compare_ml100k.py [--image_dir=DIR] [--epochs=5] [--user_sample_ratio=1.0] [--key=value ...]
 
-Same seed, data, split and epochs for every model; prints one table (metrics x100, seconds per
-training epoch, and each model's epoch time as a ratio to GlobalPEFT's) and writes bench/results/.
+Same seed, data, split and epochs for every model; PerPEFT starts from the GlobalPEFT run's
+checkpoint (its stage 1) and trains --epochs stage-2 epochs. Prints one table (metrics x100, seconds
+per training epoch, and each model's epoch time as a ratio to GlobalPEFT's) and writes bench/results/.
 Posters default to ../shared/datasets/ml-100k-posters/images when that folder exists."""
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 POSTERS = ROOT.parent / "shared" / "datasets" / "ml-100k-posters" / "images"
-MODELS = ["GlobalPEFT", "FrozenMM", "SASRec"]
+MODELS = ["GlobalPEFT", "PerPEFT", "FrozenMM", "SASRec"]
 METRICS = ["hit@20", "ndcg@20", "hit@30", "ndcg@30"]
 
 
@@ -42,16 +44,23 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for model in args.models.split(","):
-        results[model] = run(model, "ml-100k", config_dict=dict(overrides),
+        extra = {}
+        if model == "PerPEFT":
+            if "GlobalPEFT" not in results:
+                sys.exit("PerPEFT here starts from the GlobalPEFT run: list GlobalPEFT before it in --models.")
+            extra = {"global_checkpoint": results["GlobalPEFT"]["checkpoint"], "stage2_epochs": args.epochs}
+        results[model] = run(model, "ml-100k", config_dict=dict(overrides, **extra),
                              result_file=os.path.join(args.out, f"{model}.json"))
 
-    base = statistics.mean(results.get("GlobalPEFT", next(iter(results.values())))["seconds"]["per_epoch"] or [1])
+    base_seconds = results.get("GlobalPEFT", next(iter(results.values())))["seconds"]
+    base = statistics.mean(base_seconds.get("per_epoch") or base_seconds.get("stage2_per_epoch") or [1])
     print(f"\nml-100k, user_sample_ratio={args.user_sample_ratio}, epochs={args.epochs}, "
           f"image_dir={'posters' if args.image_dir else 'none (text-only)'}")
     print("| model | " + " | ".join(METRICS) + " | s/epoch | epoch time / GlobalPEFT |")
     print("|---" * (len(METRICS) + 3) + "|")
     for model, res in results.items():
-        per_epoch = res["seconds"]["per_epoch"] or [res["seconds"]["train"] / args.epochs]
+        seconds = res["seconds"]
+        per_epoch = seconds.get("per_epoch") or seconds.get("stage2_per_epoch") or [seconds["train"] / args.epochs]
         sec = statistics.mean(per_epoch)
         cells = " | ".join(f"{100 * res['test_result'][m]:.2f}" for m in METRICS)
         print(f"| {model} | {cells} | {sec:.1f} | {sec / base:.2f} |")

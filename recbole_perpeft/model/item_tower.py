@@ -123,7 +123,9 @@ class ItemTower(nn.Module):
 
     def modality_vector(self, modality: str, items: torch.Tensor) -> torch.Tensor:
         has = getattr(self, f"has_{modality}")[items]
-        placeholder = self.placeholders[modality].expand(len(items), -1)
+        # PerPEFT's global path (active_group None once groups exist) keeps stage 1's placeholders.
+        placeholders = self.global_placeholders if self.n_groups and self.active_group is None else self.placeholders
+        placeholder = placeholders[modality].expand(len(items), -1)
         if modality not in self.adapted:
             return torch.where(has.unsqueeze(1), getattr(self, f"features_{modality}")[items], placeholder)
         vectors = placeholder.clone()
@@ -164,7 +166,7 @@ class ItemTower(nn.Module):
 
     def add_groups(self, n_groups: int) -> None:
         """One adapter (peft named adapter) and one projector per group, each a copy of the global
-        ones (paper §3.3.3); the global adapter and projector stay, frozen, for the global path."""
+        ones (paper §3.3.3); the global adapter, projector and placeholders stay, frozen, for the global path."""
         global_adapter = self.adapter_parameters(self.GLOBAL_ADAPTER)
         for group in range(n_groups):
             name = self.group_adapter(group)
@@ -176,6 +178,9 @@ class ItemTower(nn.Module):
                     copies[key.replace(f".{self.GLOBAL_ADAPTER}", f".{name}")].copy_(param)
         self.group_projectors = nn.ModuleList(copy.deepcopy(self.projector) for _ in range(n_groups))
         self.projector.requires_grad_(False)
+        # The placeholders stay shared and trainable; the global path gets a frozen copy, so that it
+        # stays the stage-1 model that the groups were fitted on.
+        self.global_placeholders = copy.deepcopy(self.placeholders).requires_grad_(False)
         self.n_groups = n_groups
         self.activate(None)
 

@@ -44,6 +44,7 @@ class PerPEFT(GlobalPEFT):
         with torch.no_grad():
             self.global_item_id_embedding.load_state_dict(self.item_id_embedding.state_dict())
             self.global_sequence_encoder.load_state_dict(self.sequence_encoder.state_dict())
+            self.item_tower.global_placeholders.load_state_dict(self.item_tower.placeholders.state_dict())
             for projector in self.item_tower.group_projectors:
                 projector.load_state_dict(self.item_tower.projector.state_dict())
             global_adapter = self.item_tower.adapter_parameters(self.item_tower.GLOBAL_ADAPTER)
@@ -51,6 +52,7 @@ class PerPEFT(GlobalPEFT):
                 name = self.item_tower.group_adapter(group)
                 for key, param in self.item_tower.adapter_parameters(name).items():
                     param.copy_(global_adapter[key.replace(f".{name}", f".{self.item_tower.GLOBAL_ADAPTER}")])
+        self._group_tables = {}
         self.set_groups(groups)
 
     def set_groups(self, groups) -> None:
@@ -67,8 +69,17 @@ class PerPEFT(GlobalPEFT):
         return super().calculate_loss(interaction)
 
     def train(self, mode: bool = True):
-        self._group_tables = {}
+        # Tables are built once per evaluation: dropped when training starts or ends (parameters
+        # change), kept when an evaluating model is put in eval mode again (e.g. by recommend(), or
+        # after load_tables()).
+        if mode or self.training:
+            self._group_tables = {}
         return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._group_tables = {}  # built from the parameters just replaced
+        return result
 
     # --- evaluation and serving ----------------------------------------------------------------------
 
@@ -143,6 +154,8 @@ class PerPEFT(GlobalPEFT):
         torch.save({k: v.cpu() for k, v in tables.items()}, path)
 
     def load_tables(self, path: str) -> None:
+        """Serve from saved tables (puts the model in eval mode: training mode recomputes them)."""
+        self.eval()
         tables = torch.load(path, map_location=self.group_of_user.device, weights_only=True)
         self._group_tables = {None: tables["global"], **dict(enumerate(tables["groups"]))}
 
