@@ -69,11 +69,15 @@ class Config(RecBoleConfig):
         data_path = self.final_config_dict["data_path"]
         inter_file = os.path.join(data_path, f"{self.dataset}.inter")
         if not os.path.isfile(inter_file):
-            raise FileNotFoundError(
-                f"Dataset '{self.dataset}' not found: no atomic file {inter_file}. Put RecBole atomic "
-                f"files ({self.dataset}.inter, {self.dataset}.item) in {data_path}, or set --data_path; "
-                "dataset/README.md lists the datasets we know and how to get them."
-            )
+            # Known datasets (Amazon 2023, importable layouts) are prepared on first use.
+            from recbole_perpeft.data.prepare import ensure_atomic_files  # only needed when files are missing
+
+            if not ensure_atomic_files(self.final_config_dict):
+                raise FileNotFoundError(
+                    f"Dataset '{self.dataset}' not found: no atomic file {inter_file}. Put RecBole atomic "
+                    f"files ({self.dataset}.inter, {self.dataset}.item) in {data_path}, or set --data_path; "
+                    "dataset/README.md lists the datasets we know and how to get them."
+                )
         if self.final_config_dict.get("image_dir") is None:
             self.final_config_dict["image_dir"] = os.path.join(data_root, self.dataset, "images")
 
