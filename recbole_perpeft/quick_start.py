@@ -12,6 +12,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_perpeft.config import Config
 from recbole_perpeft.data import create_dataset, data_preparation
+from recbole_perpeft.trainer import checkpoint_path
 from recbole_perpeft.utils import get_model, get_trainer, trainable_parameters_by_component
 
 
@@ -48,9 +49,9 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     if getattr(model_class, "grouped", False):
-        from recbole_perpeft.perpeft_runner import PerPEFTRun
+        from recbole_perpeft.two_stage import TwoStageRun
 
-        outcome = PerPEFTRun(config, train_data, valid_data, test_data, saved=saved).run(resume)
+        outcome = TwoStageRun(config, train_data, valid_data, test_data, saved=saved).run(resume)
     else:
         outcome = train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume)
     logger.info(set_color("best valid ", "yellow") + f": {outcome['best_valid_result']}")
@@ -70,6 +71,7 @@ def train_and_evaluate(config, model_class, train_data, valid_data, test_data, s
     parameters = trainable_parameters_by_component(model)
     logger.info(set_color("trainable parameters", "blue") + f": {parameters}")
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.saved_model_file = resume or checkpoint_path(config, config["model"])
     if resume:
         trainer.resume_checkpoint(resume)
     start = time()

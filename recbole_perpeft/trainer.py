@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from time import time
 
 from recbole.trainer import Trainer
+from recbole.utils import get_local_time
 
 from recbole_perpeft.compat import SafeCheckpointMixin
 
@@ -26,3 +28,14 @@ class PEFTTrainer(SafeCheckpointMixin, Trainer):
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         self.epoch_seconds.append(time() - start)
         return loss
+
+
+def checkpoint_path(config, name: str) -> str:
+    """``<checkpoint_dir>/<name>-<dataset>-seed<seed>-<time>.pth``, never an existing file: RecBole's
+    own names are unique only to the second, so back-to-back runs (a comparison) could share one."""
+    os.makedirs(config["checkpoint_dir"], exist_ok=True)
+    stem = os.path.join(config["checkpoint_dir"], f"{name}-{config['dataset']}-seed{config['seed']}-{get_local_time()}")
+    path, n = f"{stem}.pth", 1
+    while os.path.exists(path):
+        path, n = f"{stem}-{n}.pth", n + 1
+    return path
