@@ -1,10 +1,21 @@
-"""Train and evaluate a model, RecBole style.
+"""Train and evaluate a model, RecBole style; or compare models over seeds.
 
     python run_recbole_perpeft.py --model=GlobalPEFT --dataset=ml-100k [--config_files=a.yaml,b.yaml]
         [--result_file=r.json] [--resume=saved/X.pth] [--key=value ...]
 
-``--model`` is one of ours (GlobalPEFT, FrozenMM) or any model RecBole ships (SASRec, BERT4Rec, ...).
-Every other ``--key=value`` overrides a YAML key (e.g. ``--epochs=1 --user_sample_ratio=0.2``)."""
+``--model`` is one of ours (GlobalPEFT, FrozenMM, PerPEFT) or any model RecBole ships (SASRec, BERT4Rec, ...).
+Every other ``--key=value`` overrides a YAML key (e.g. ``--epochs=1 --user_sample_ratio=0.2``).
+
+Comparison (paper Table 2 style; see recbole_perpeft/compare.py):
+
+    python run_recbole_perpeft.py --model=SASRec,FrozenMM,GlobalPEFT,PerPEFT --dataset=ml-100k --seeds=3
+        [--result_file=table.json] [--ttest=PerPEFT] [--config_files=...] [--key=value ...]
+
+A comma in ``--model``, or ``--seeds`` or ``--ttest``, makes a comparison: every model is trained with every
+seed (``--seeds=N``: the config's seed and the N-1 after it; ``--seeds=1,5,9``: those; default 1), each run's
+result JSON goes to ``table.runs/<model>-seed<s>.json`` (and is reused when the command is run again), and
+``table.json`` / ``table.md`` get mean (std) per model and metric and paired t-tests against ``--ttest``
+(default: the last model). Two-stage models of one seed share one stage-1 GlobalPEFT."""
 
 from __future__ import annotations
 
@@ -13,12 +24,17 @@ import sys
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", "-m", default="GlobalPEFT")
+    # allow_abbrev=False: `--seed=7` is a config override, not an abbreviation of --seeds.
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--model", "-m", default="GlobalPEFT", help="a model, or comma-separated models to compare")
     parser.add_argument("--dataset", "-d", default="ml-100k")
     parser.add_argument("--config_files", default=None, help="comma- or space-separated YAML files")
     parser.add_argument("--result_file", default=None, help="write the result JSON here")
     parser.add_argument("--resume", default=None, help="a checkpoint written by an earlier run")
+    parser.add_argument("--seeds", default=None, help="compare over seeds: a count (3) or a list (1,2,3)")
+    parser.add_argument("--ttest", default=None, help="compare: the reference model of the paired t-tests")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for arg in rest:
@@ -30,13 +46,45 @@ def parse_args(argv):
     return args, files, overrides
 
 
+def is_comparison(args) -> bool:
+    return "," in args.model or args.seeds is not None or args.ttest is not None
+
+
 def main(argv=None):
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    from recbole_perpeft.quick_start import run
+    if not is_comparison(args):
+        from recbole_perpeft.quick_start import run
+
+        try:
+            run(
+                args.model,
+                args.dataset,
+                config_file_list=files,
+                config_dict=overrides,
+                result_file=args.result_file,
+                resume=args.resume,
+            )
+        except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+            sys.exit(f"error: {err}")
+        return
+
+    from recbole_perpeft.compare import DEFAULT_SEEDS, compare, parse_seeds
 
     try:
-        run(args.model, args.dataset, config_file_list=files, config_dict=overrides,
-            result_file=args.result_file, resume=args.resume)
+        if args.resume:
+            raise ValueError(
+                "--resume continues a single run; a comparison continues by itself when run again "
+                "(it reuses the per-run result JSONs it finds)."
+            )
+        compare(
+            args.model,
+            args.dataset,
+            seeds=parse_seeds(args.seeds) if args.seeds is not None else DEFAULT_SEEDS,
+            config_file_list=files,
+            overrides=overrides,
+            result_file=args.result_file,
+            reference=args.ttest,
+        )
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         sys.exit(f"error: {err}")
 

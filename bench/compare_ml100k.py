@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--user_sample_ratio", type=float, default=1.0)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--rerun", action="store_true", help="train models whose result JSON already exists")
     args, rest = parser.parse_known_args()
     if args.image_dir is None:
         print("No posters found (pass --image_dir): this comparison runs text-only.", file=sys.stderr)
@@ -44,6 +45,12 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for model in args.models.split(","):
+        done = os.path.join(args.out, f"{model}.json")
+        if os.path.isfile(done) and not args.rerun:
+            print(f"{model}: reusing {done} (pass --rerun to train it again)", file=sys.stderr)
+            with open(done) as f:
+                results[model] = json.load(f)
+            continue
         extra = {}
         if model == "PerPEFT":
             if "GlobalPEFT" not in results:

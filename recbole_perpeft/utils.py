@@ -14,6 +14,11 @@ MODELS = {
     "GlobalPEFT": "recbole_perpeft.model.sequential_recommender.globalpeft",
     "FrozenMM": "recbole_perpeft.model.sequential_recommender.frozenmm",
     "PerPEFT": "recbole_perpeft.model.sequential_recommender.perpeft",
+    "UserLevel1": "recbole_perpeft.model.sequential_recommender.userlevel1",
+    "UserLevel2": "recbole_perpeft.model.sequential_recommender.userlevel2",
+    "GroupLevel1": "recbole_perpeft.model.sequential_recommender.grouplevel1",
+    "GroupLevel2": "recbole_perpeft.model.sequential_recommender.grouplevel2",
+    "LargeGlobalPEFT": "recbole_perpeft.model.sequential_recommender.largeglobalpeft",
 }
 
 

@@ -20,15 +20,15 @@ import torch
 import yaml
 from recbole.utils import init_seed
 
-from recbole_perpeft import perpeft_runner
+from recbole_perpeft import two_stage
 from recbole_perpeft.config import Config
 from recbole_perpeft.data import create_dataset, data_preparation
 from recbole_perpeft.data.dataloader import GROUP_ID, GroupedUserSequenceDataLoader
 from recbole_perpeft.data.sampler import GroupNegativeSampler, SequenceNegativeSampler
 from recbole_perpeft.grouping import UserGroups
 from recbole_perpeft.model.sequential_recommender.perpeft import PerPEFT
-from recbole_perpeft.perpeft_runner import PerPEFTRun, stage_config, training_histories
 from recbole_perpeft.trainer import PEFTTrainer
+from recbole_perpeft.two_stage import TwoStageRun, stage_config, training_histories
 from recbole_perpeft.utils import get_model, trainable_parameters_by_component
 from tests.tiny import REPO_ROOT, RUN_SCRIPT, item_token, make_atomic_dataset, make_tiny_clip, quick_config
 
@@ -74,7 +74,7 @@ def env(tmp_path_factory):
         dataset = create_dataset(config)
         train_data, valid_data, test_data = data_preparation(config, dataset, get_model("PerPEFT"))
         init_seed(config["seed"], True)
-        run = PerPEFTRun(config, train_data, valid_data, test_data)
+        run = TwoStageRun(config, train_data, valid_data, test_data)
         global_model = run.stage1(None)
         groups = run.group_users(global_model)
     global_model.eval()
@@ -122,12 +122,11 @@ def stage2(env, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("stage2"))
-        mp.setattr(perpeft_runner, "GroupedUserSequenceDataLoader", SpyLoader)
+        mp.setattr(two_stage, "GroupedUserSequenceDataLoader", SpyLoader)
         init_seed(env.config["seed"], True)
-        run = PerPEFTRun(env.config, env.train_data, env.valid_data, env.test_data)
-        model, trainer, best_score, best_valid, test_result = run.stage2(
-            copy.deepcopy(env.global_model), env.groups, None
-        )
+        run = TwoStageRun(env.config, env.train_data, env.valid_data, env.test_data)
+        model, trainer, best_score, best_valid, seconds = run.stage2(env.global_model.state_dict(), env.groups, None)
+        test_result = trainer.evaluate(env.test_data, load_best_model=True)
     model.eval()
     return SimpleNamespace(model=model, trainer=trainer, test_result=test_result, samplers=samplers, run=run)
 
@@ -463,27 +462,51 @@ def test_perpeft_without_a_peft_module_is_refused(env):
 
 def test_without_group_negatives_stage2_samples_from_all_items(env, monkeypatch, tmp_path):
     samplers = []
-    original = perpeft_runner.GroupedUserSequenceDataLoader
+    original = two_stage.GroupedUserSequenceDataLoader
 
     def spy(config, dataset, sampler, group_of_user, shuffle=True):
         samplers.append(sampler)
         return original(config, dataset, sampler, group_of_user, shuffle=shuffle)
 
-    monkeypatch.setattr(perpeft_runner, "GroupedUserSequenceDataLoader", spy)
+    monkeypatch.setattr(two_stage, "GroupedUserSequenceDataLoader", spy)
     config = copy.copy(env.config)
     config.final_config_dict = dict(env.config.final_config_dict, group_negatives=False,
                                     checkpoint_dir=str(tmp_path / "saved"))  # fmt: skip
-    run = PerPEFTRun(config, env.train_data, env.valid_data, env.test_data, saved=False)
-    run.stage2(copy.deepcopy(env.global_model), env.groups, None)
+    run = TwoStageRun(config, env.train_data, env.valid_data, env.test_data, saved=False)
+    run.stage2(env.global_model.state_dict(), env.groups, None)
     assert len(samplers) == 1
     assert type(samplers[0]) is SequenceNegativeSampler
+
+
+def test_weight_decay_grid_trains_stage2_per_value_and_keeps_the_best_validation(env, monkeypatch, tmp_path):
+    decays = []
+    original = two_stage.PEFTTrainer
+
+    def spy(config, model):
+        decays.append(config["weight_decay"])
+        return original(config, model)
+
+    monkeypatch.setattr(two_stage, "PEFTTrainer", spy)
+    config = copy.copy(env.config)
+    config.final_config_dict = dict(env.config.final_config_dict, weight_decay_grid=[0.0, 0.5],
+                                    checkpoint_dir=str(tmp_path / "saved"))  # fmt: skip
+    run = TwoStageRun(config, env.train_data, env.valid_data, env.test_data)
+    model, trainer, best_score, best_valid, _ = run.tuned_stage2(env.global_model.state_dict(), env.groups)
+    assert decays == [0.0, 0.5]
+    valid = run.tuning["valid_by_weight_decay"]
+    assert set(valid) == {"0.0", "0.5"}
+    metric = config["valid_metric"].lower()
+    assert best_valid[metric] == max(v[metric] for v in valid.values())
+    assert valid[str(run.tuning["weight_decay"])] == best_valid
+    assert trainer.config["weight_decay"] == run.tuning["weight_decay"]
+    assert trainer.saved_model_file.endswith(f"-wd{run.tuning['weight_decay']:g}.pth")
 
 
 @pytest.mark.parametrize("method", ["gmm", "random"])
 def test_other_grouping_methods_run_through_group_users(env, method):
     config = copy.copy(env.config)
     config.final_config_dict = dict(env.config.final_config_dict, grouping_method=method, n_groups=3)
-    run = PerPEFTRun(config, env.train_data, env.valid_data, env.test_data, saved=False)
+    run = TwoStageRun(config, env.train_data, env.valid_data, env.test_data, saved=False)
     groups = run.group_users(env.global_model)
     assert groups.method == method and 1 <= groups.n_groups <= 3
     users = training_histories(env.train_dataset, 1)[0].numpy()

@@ -1,6 +1,6 @@
 """PerPEFT (paper §3.3): one PEFT module and projector per user interest group.
 
-Built from a trained GlobalPEFT (the two-stage run in ``recbole_perpeft.perpeft_runner``): every
+Built from a trained GlobalPEFT (the two-stage run in ``recbole_perpeft.two_stage``): every
 group's adapter and projector start as copies of the global ones; the item ID embeddings and SASRec
 are shared. A user's items are always encoded with its own group's adapter and projector, in
 training (group-homogeneous batches) and in evaluation (one item table per group)."""
@@ -14,12 +14,11 @@ import torch
 from tqdm import tqdm
 
 from recbole_perpeft.data.dataloader import GROUP_ID
+from recbole_perpeft.model.personalisation import TwoStageGrouped
 from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
 
 
-class PerPEFT(GlobalPEFT):
-    grouped = True  # trained on GroupedUserSequenceDataLoader batches
-
+class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: grouped = True, two-stage YAML keys
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         if not self.item_tower.peft_models:

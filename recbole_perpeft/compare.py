@@ -1,0 +1,439 @@
+"""Compare models over several seeds, paper Table 2 style: mean (std) of the test metrics, paired t-tests.
+
+    python run_recbole_perpeft.py --model=SASRec,FrozenMM,GlobalPEFT,PerPEFT --dataset=ml-100k --seeds=3 \\
+        --result_file=table.json [--ttest=PerPEFT] [--config_files=a.yaml] [--key=value ...]
+
+Every model is trained with every seed through :func:`recbole_perpeft.quick_start.run`, with the same
+``--config_files`` and ``--key=value`` overrides plus ``seed``. ``--seeds=N`` runs seeds ``seed, seed+1, ...,
+seed+N-1`` from the config's ``seed`` (2024 in properties/overall.yaml); ``--seeds=1,5,9`` names them.
+Runs go seed by seed, the models of a seed in the given order.
+
+- Each run writes its own result JSON to ``<stem>.runs/<model>-seed<s>.json`` beside the result file. A run
+  whose JSON is already there (same model, dataset and seed) is reused, not redone: an interrupted
+  comparison continues where it stopped when the same command is run again. Delete the file (or the folder)
+  to redo a run, e.g. after changing an override (a reused run whose config differs from an override is
+  reported).
+- Two-stage models (class attribute ``grouped = True``: PerPEFT and the group-level baselines) share one
+  stage 1 per seed: the first grouped model of a seed trains GlobalPEFT, and its ``global_checkpoint`` is
+  passed as ``global_checkpoint`` to the seed's later grouped models (unless ``--global_checkpoint`` is given,
+  which then holds for all of them).
+- Aggregation, per model and test metric (``hit@20``, ``hit@30``, ``ndcg@20``, ``ndcg@30``, or whichever
+  ``metric@k`` keys all runs have): mean and sample standard deviation (ddof=1; 0 with one seed).
+- Paired t-test (``scipy.stats.ttest_rel``) of the reference model (``--ttest=NAME``; default: the last model
+  listed) against every other model, per metric, over the seeds both ran: ``NaN`` (``null`` in the JSON,
+  ``n/a`` in the table) with fewer than two seeds or identical values.
+- Output: the result JSON ``{dataset, seeds, models, metrics, runs: {model: {seed: path}},
+  results: {model: {metric: {mean, std, per_seed}}}, ttest: {reference, p_values: {model: {metric: p}}}}``
+  and ``<stem>.md``: a Markdown table (metrics x100, ``mean (std)``, best mean per column in bold, ``†`` where
+  the reference differs with p < 0.05) and a table of the p-values; the Markdown is printed too.
+
+:func:`aggregate`, :func:`paired_ttest`, :func:`ttest_p_values` and :func:`render_markdown` are pure
+functions of result dictionaries (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+PAPER_METRICS = ("hit@20", "hit@30", "ndcg@20", "ndcg@30")
+METRIC_ORDER = ("hit", "ndcg")  # then any other metric, alphabetically
+SIGNIFICANCE = 0.05
+MARKER = "†"
+DEFAULT_SEEDS = 1  # a comparison without --seeds: each model once, with the config's seed
+
+
+# --- arguments ---------------------------------------------------------------------------------------------
+
+
+def parse_models(value) -> list[str]:
+    """'A,B, C' (or a list) -> ['A', 'B', 'C']; empty names and repeated models are errors."""
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else [str(n).strip() for n in value]
+    if not names or any(not n for n in names):
+        raise ValueError(f"--model needs comma-separated model names, got {value!r}.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"a model is listed more than once: {', '.join(repeated)}.")
+    return names
+
+
+def parse_seeds(value) -> int | list[int]:
+    """'3' -> 3 (that many seeds from the config's seed); '1,2,3' (or a list) -> [1, 2, 3]."""
+    if isinstance(value, bool):
+        raise ValueError(f"--seeds must be a number of seeds or a comma-separated list of seeds, got {value!r}.")
+    if isinstance(value, int):
+        count = value
+    elif isinstance(value, (list, tuple)):
+        return _seed_list(list(value), value)
+    else:
+        text = str(value).strip()
+        if "," in text:
+            return _seed_list([s.strip() for s in text.split(",") if s.strip()], value)
+        try:
+            count = int(text)
+        except ValueError:
+            raise ValueError(
+                f"--seeds must be a number of seeds (--seeds=3) or a comma-separated list (--seeds=1,2,3), "
+                f"got {value!r}."
+            ) from None
+    if count < 1:
+        raise ValueError(f"--seeds must be at least 1, got {value!r}.")
+    return count
+
+
+def _seed_list(items, original) -> list[int]:
+    try:
+        seeds = [int(s) for s in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"--seeds: every seed must be an integer, got {original!r}.") from None
+    if not seeds:
+        raise ValueError(f"--seeds: no seed in {original!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: a seed is repeated in {original!r}.")
+    return seeds
+
+
+def resolve_seeds(seeds, base_seed) -> list[int]:
+    """The seeds to run: a list as given; a count n -> base_seed, ..., base_seed + n - 1.
+    ``base_seed`` may be a callable (only called for a count)."""
+    seeds = parse_seeds(seeds)
+    if isinstance(seeds, list):
+        return seeds
+    base = int(base_seed() if callable(base_seed) else base_seed)
+    return [base + i for i in range(seeds)]
+
+
+def config_seed(model: str, dataset: str, config_file_list=None, overrides=None) -> int:
+    """The ``seed`` a run of ``model`` would use (command line > YAML files > properties > RecBole)."""
+    overrides = dict(overrides or {})
+    if "seed" in overrides:
+        try:
+            return int(overrides["seed"])
+        except (TypeError, ValueError):
+            raise ValueError(f"seed must be an integer, got {overrides['seed']!r}.") from None
+    from recbole_perpeft.config import Config
+
+    return int(Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=overrides)["seed"])
+
+
+def output_paths(result_file) -> tuple[Path, Path]:
+    """result JSON 'out/table.json' -> per-run folder 'out/table.runs', Markdown 'out/table.md'."""
+    path = Path(result_file)
+    if path.suffix == ".md":
+        raise ValueError(f"--result_file is the comparison's JSON (the Markdown goes beside it), got {path}.")
+    stem = path.with_suffix("") if path.suffix == ".json" else path
+    return stem.parent / (stem.name + ".runs"), stem.parent / (stem.name + ".md")
+
+
+def run_file(runs_dir, model: str, seed: int) -> Path:
+    return Path(runs_dir) / f"{model}-seed{seed}.json"
+
+
+def is_grouped(model: str) -> bool:
+    """Two-stage model (trains or loads a GlobalPEFT first)? Unknown names raise ValueError."""
+    from recbole_perpeft.utils import get_model
+
+    return bool(getattr(get_model(model), "grouped", False))
+
+
+# --- aggregation, t-test, Markdown (pure) ----------------------------------------------------------------------
+
+
+def _metric_key(metric: str):
+    name, _, k = metric.partition("@")
+    rank = METRIC_ORDER.index(name) if name in METRIC_ORDER else len(METRIC_ORDER)
+    return rank, name, int(k) if k.isdigit() else math.inf, metric
+
+
+def common_metrics(test_results) -> list[str]:
+    """``metric@k`` keys present in every test result, hit then ndcg then others, by k.
+
+    ``test_results``: {model: {seed: {metric: value}}}."""
+    key_sets = [
+        {m for m, v in result.items() if "@" in m and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for per_seed in test_results.values()
+        for result in per_seed.values()
+    ]
+    if not key_sets:
+        raise ValueError("no results to compare.")
+    metrics = set.intersection(*key_sets)
+    if not metrics:
+        raise ValueError("the runs have no metric@k test metric in common.")
+    return sorted(metrics, key=_metric_key)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("mean_std of no values.")
+    std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+    return float(np.mean(values)), std
+
+
+def aggregate(test_results, metrics=None, seeds=None) -> dict:
+    """{model: {seed: test_result}} -> {model: {metric: {mean, std, per_seed}}}.
+
+    ``per_seed`` follows ``seeds`` (default: each model's seeds in their order), skipping seeds a model
+    lacks; ``metrics`` default: :func:`common_metrics`."""
+    metrics = list(metrics) if metrics is not None else common_metrics(test_results)
+    summary = {}
+    for model, per_seed in test_results.items():
+        order = [s for s in seeds if s in per_seed] if seeds is not None else list(per_seed)
+        summary[model] = {}
+        for metric in metrics:
+            values = [float(per_seed[s][metric]) for s in order]
+            mean, std = mean_std(values)
+            summary[model][metric] = {"mean": mean, "std": std, "per_seed": values}
+    return summary
+
+
+def paired_ttest(a, b) -> float:
+    """Two-sided p-value of scipy's paired t-test; NaN with fewer than two pairs or identical values."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired t-test needs the same number of values, got {a.size} and {b.size}.")
+    if a.size < 2 or np.array_equal(a, b):
+        return math.nan
+    from scipy.stats import ttest_rel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant differences: scipy warns, t is +-inf
+        return float(ttest_rel(a, b).pvalue)
+
+
+def ttest_p_values(test_results, reference: str, metrics=None) -> dict:
+    """{model: {metric: p}} of ``reference`` against every other model, paired by the seeds both ran."""
+    if reference not in test_results:
+        raise ValueError(f"--ttest={reference}: not one of the compared models ({', '.join(test_results)}).")
+    metrics = list(metrics) if metrics is not None else common_metrics(test_results)
+    ref = test_results[reference]
+    p_values = {}
+    for model, per_seed in test_results.items():
+        if model == reference:
+            continue
+        paired = [s for s in ref if s in per_seed]
+        p_values[model] = {
+            metric: paired_ttest([ref[s][metric] for s in paired], [per_seed[s][metric] for s in paired])
+            for metric in metrics
+        }
+    return p_values
+
+
+def _format_p(p) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    text = "<0.001" if p < 0.001 else f"{p:.3f}"
+    return f"{text} {MARKER}" if p < SIGNIFICANCE else text
+
+
+def _significant(p) -> bool:
+    return p is not None and not (isinstance(p, float) and math.isnan(p)) and p < SIGNIFICANCE
+
+
+def render_markdown(summary: dict) -> str:
+    """The comparison JSON (:func:`summarise`'s dict) as Markdown: metrics x100 with 2 decimals,
+    ``mean (std)``, the best mean per column in bold, ``†`` on a model's cell where the paired t-test
+    against the reference gives p < 0.05, then the p-values."""
+    models, metrics, results = summary["models"], summary["metrics"], summary["results"]
+    seeds = summary.get("seeds", [])
+    ttest = summary.get("ttest") or {}
+    reference, p_values = ttest.get("reference"), ttest.get("p_values") or {}
+
+    def shown(value):
+        return f"{value * 100:.2f}"
+
+    best = {metric: max(results[m][metric]["mean"] for m in models) for metric in metrics}
+    lines = [
+        f"Test metrics on {summary.get('dataset')} (x100): mean (std) over {len(seeds)} seed"
+        f"{'s' if len(seeds) != 1 else ''} ({', '.join(str(s) for s in seeds)}); best mean in bold.",
+        "",
+        "| Model | " + " | ".join(metrics) + " |",
+        "|---|" + "---:|" * len(metrics),
+    ]
+    for model in models:
+        cells = []
+        for metric in metrics:
+            entry = results[model][metric]
+            mean = shown(entry["mean"])
+            if mean == shown(best[metric]):
+                mean = f"**{mean}**"
+            cell = f"{mean} ({shown(entry['std'])})"
+            if _significant(p_values.get(model, {}).get(metric)):
+                cell += MARKER
+            cells.append(cell)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if reference is not None:
+        lines += [
+            "",
+            f"{MARKER} p < {SIGNIFICANCE} in a paired t-test against {reference} over the seeds. "
+            f"p-values vs {reference}:",
+            "",
+            "| Model | " + " | ".join(metrics) + " |",
+            "|---|" + "---:|" * len(metrics),
+        ]
+        for model in models:
+            if model == reference or model not in p_values:
+                continue
+            lines.append(
+                f"| {model} | " + " | ".join(_format_p(p_values[model].get(metric)) for metric in metrics) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def summarise(dataset, models, seeds, test_results, reference=None, runs=None, metrics=None) -> dict:
+    """The comparison's JSON payload from {model: {seed: test_result}} (pure; NaN p-values -> None)."""
+    reference = reference or models[-1]
+    metrics = list(metrics) if metrics is not None else common_metrics(test_results)
+    return _nan_to_none(
+        {
+            "dataset": dataset,
+            "seeds": list(seeds),
+            "models": list(models),
+            "metrics": metrics,
+            "runs": {m: {str(s): str(p) for s, p in (runs or {}).get(m, {}).items()} for m in models},
+            "results": aggregate({m: test_results[m] for m in models}, metrics, seeds),
+            "ttest": {"reference": reference, "p_values": ttest_p_values(test_results, reference, metrics)},
+        }
+    )
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+
+def _given(value) -> bool:
+    return value is not None and str(value).strip() not in ("", "None", "none", "null", "~")
+
+
+def load_run(path, model: str, dataset: str, seed: int):
+    """The result JSON of an earlier run of (model, dataset, seed) at ``path``, or None (absent / other run)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        config = result.get("config") or {}
+        same = (
+            result.get("model") == model
+            and str(result.get("dataset")) == str(dataset)
+            and int(config.get("seed")) == int(seed)
+            and isinstance(result.get("test_result"), dict)
+        )
+    except (OSError, ValueError, TypeError, AttributeError):
+        same = False
+    if not same:
+        print(f"[compare] {path} is not a finished run of {model} on {dataset} with seed {seed}: running it again")
+        return None
+    return result
+
+
+def _as_config_value(value):
+    """A --key=value string as RecBole's Config reads it (Config._convert_config_dict)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        converted = eval(value)  # noqa: S307 - what RecBole itself does with command-line values
+        return converted if converted is None or isinstance(converted, (str, int, float, list, tuple, dict)) else value
+    except Exception:
+        return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def changed_keys(result: dict, overrides: dict) -> list[str]:
+    """Overrides an earlier run's resolved config disagrees with (to warn when reusing it)."""
+    config = result.get("config") or {}
+    changed = []
+    for key, value in overrides.items():
+        if key in ("seed", "global_checkpoint"):
+            continue
+        try:
+            wanted = json.loads(json.dumps(_as_config_value(value)))
+        except (TypeError, ValueError):
+            continue
+        if key not in config or config[key] != wanted:
+            changed.append(f"{key}={config.get(key)!r} (now {wanted!r})")
+    return changed
+
+
+def compare(
+    models,
+    dataset: str,
+    seeds=DEFAULT_SEEDS,
+    config_file_list=None,
+    overrides=None,
+    result_file=None,
+    reference=None,
+) -> dict:
+    """Train (or reuse) every (model, seed), write the comparison JSON and Markdown; return the JSON dict."""
+    from recbole_perpeft import quick_start
+
+    models = parse_models(models)
+    overrides = dict(overrides or {})
+    reference = reference or models[-1]
+    if reference not in models:
+        raise ValueError(f"--ttest={reference}: not one of the compared models ({', '.join(models)}).")
+    grouped = {m: is_grouped(m) for m in models}  # also checks every name before anything trains
+    seed_list = resolve_seeds(seeds, lambda: config_seed(models[0], dataset, config_file_list, overrides))
+    result_file = Path(result_file or f"comparison-{dataset}.json")
+    runs_dir, markdown_file = output_paths(result_file)
+    user_global = _given(overrides.get("global_checkpoint"))
+
+    total = len(models) * len(seed_list)
+    print(f"[compare] {len(models)} models x {len(seed_list)} seeds ({', '.join(map(str, seed_list))}) on "
+          f"{dataset}: {total} runs, results in {runs_dir}/", flush=True)  # fmt: skip
+    runs = {m: {} for m in models}
+    test_results = {m: {} for m in models}
+    done = 0
+    for seed in seed_list:
+        stage1 = None  # this seed's GlobalPEFT checkpoint, from its first grouped model
+        for model in models:
+            done += 1
+            path = run_file(runs_dir, model, seed)
+            result = load_run(path, model, dataset, seed)
+            if result is not None:
+                print(f"[compare] run {done} of {total}: {model} seed {seed}: reusing {path}", flush=True)
+                changed = changed_keys(result, overrides)
+                if changed:
+                    print(f"[compare] warning: {path} was run with {', '.join(changed)}; delete it to redo it")
+            else:
+                config_dict = {**overrides, "seed": seed}
+                note = ""
+                if grouped[model] and stage1 and not user_global:
+                    config_dict["global_checkpoint"] = stage1
+                    note = f" (stage 1 from {stage1})"
+                print(f"[compare] run {done} of {total}: {model} seed {seed}{note}", flush=True)
+                if path.is_file():
+                    path.unlink()  # another run's or a broken file: this run's result replaces it
+                result = quick_start.run(
+                    model, dataset, config_file_list, config_dict=config_dict, result_file=str(path)
+                )
+                if not path.is_file():
+                    quick_start.write_json(str(path), result)
+            if grouped[model] and not user_global and stage1 is None:
+                checkpoint = result.get("global_checkpoint")
+                if _given(checkpoint) and os.path.isfile(str(checkpoint)):
+                    stage1 = str(checkpoint)
+            runs[model][seed] = str(path)
+            test_results[model][seed] = result["test_result"]
+
+    summary = summarise(dataset, models, seed_list, test_results, reference=reference, runs=runs)
+    markdown = render_markdown(summary)
+    quick_start.write_json(str(result_file), summary)
+    markdown_file.parent.mkdir(parents=True, exist_ok=True)
+    markdown_file.write_text(markdown)
+    print("\n" + markdown, flush=True)
+    print(f"[compare] written {result_file} and {markdown_file}", flush=True)
+    return summary

@@ -1,0 +1,256 @@
+"""Personalisation baselines on the GlobalPEFT item path (PerPEFT paper §4.1.3, types 4 and 5).
+
+Items go through the same item tower as GlobalPEFT (one global adapter and projector, plus ID
+embeddings) and the same SASRec encoder and Eq. 1 loss; what differs is a *personal vector* that
+enters the sequence encoder, in one of two ways:
+
+- :class:`AppendPersonalVector` (level 1, personalised-prompt style): the vector is an extra element
+  at the end of the user's sequence. RecBole sequences are left-aligned and zero-padded after
+  ``item_length`` items, so it goes at position ``item_length`` (the encoder has
+  ``MAX_ITEM_LIST_LENGTH + 1`` positions). Attention is causal, so every item position sees only
+  items and the user position sees them all: the user representation is the output there.
+- :class:`ConcatPersonalVector` (level 2, SSE-PT style): the vector is concatenated with every item
+  vector and ``Linear(2H, H)`` maps the pair back to the encoder's width.
+
+The vector comes from the user id (``personal_source = "user"``: one embedding per user) or from the
+user's interest group (``"group"``: one embedding per group; :class:`GroupPersonalisation`, the
+groups from the same two-stage run as PerPEFT, ``recbole_perpeft.two_stage``)."""
+
+from __future__ import annotations
+
+from logging import getLogger
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
+from recbole_perpeft.model.sequence_encoder import SASRecEncoder
+from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
+
+
+class TwoStageGrouped:
+    """Marker of the models trained in two stages with user interest groups (PerPEFT and the
+    group-level baselines): ``recbole_perpeft.two_stage.TwoStageRun`` trains GlobalPEFT, groups the
+    users, builds the model and calls ``load_global(global_state, groups)``.
+
+    Its YAML (``properties/model/TwoStageGrouped.yaml``: n_groups, grouping_method, stage epochs,
+    ...) is read for every subclass, since the config extends YAMLs along the class MRO."""
+
+    grouped = True  # trained on GroupedUserSequenceDataLoader batches
+
+
+class PersonalisedGlobalPEFT(GlobalPEFT):
+    """GlobalPEFT plus a personal vector per user or per group; subclasses say where it enters the
+    sequence encoder (:meth:`encode_personalised`) and which output position represents the user."""
+
+    personal_source = "user"  # "user": by user id; "group": by the user's interest group
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        hidden = config["hidden_size"]
+        if self.personal_source == "group":
+            n_groups = config["n_groups"]
+            if not n_groups or n_groups < 1:
+                raise ValueError(f"{type(self).__name__} needs n_groups >= 1, got {n_groups!r}.")
+            self.register_buffer("group_of_user", torch.full((dataset.user_num,), -1, dtype=torch.long))
+            self.user_groups = None  # recbole_perpeft.grouping.UserGroups, once set_groups ran
+            self.personal_embedding = nn.Embedding(n_groups, hidden)
+        elif self.personal_source == "user":
+            self.personal_embedding = nn.Embedding(dataset.user_num, hidden, padding_idx=0)
+        else:
+            raise ValueError(f"personal_source must be 'user' or 'group', not {self.personal_source!r}.")
+        self.personal_embedding.weight.data.normal_(mean=0.0, std=self.initializer_range)
+        if self.personal_source == "user":
+            self.personal_embedding.weight.data[0].zero_()
+
+    # --- where the vector comes from ---------------------------------------------------------------------
+
+    def personal_vectors(self, user_ids: torch.Tensor) -> torch.Tensor:
+        """[B] internal user ids -> [B, H]: the user's own embedding, or its group's."""
+        if self.personal_source == "user":
+            return self.personal_embedding(user_ids)
+        groups = self.group_of_user[user_ids]
+        if (groups < 0).any():
+            raise ValueError(
+                f"{type(self).__name__} got users without a group ({user_ids[groups < 0].tolist()[:5]}...): "
+                "load the run's groups (set_groups)."
+            )
+        return self.personal_embedding(groups)
+
+    # --- where it enters (per mechanism) ---------------------------------------------------------------
+
+    def encode_personalised(self, item_emb, item_seq, item_seq_len, personal) -> torch.Tensor:
+        """[B, L, H] item vectors, [B, L] ids, [B] lengths, [B, H] personal vectors -> the sequence
+        encoder's outputs [B, L', H] (L' = L, or L + 1 with the vector appended)."""
+        raise NotImplementedError
+
+    def user_positions(self, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """[B] index of the output that represents each user (the prediction)."""
+        raise NotImplementedError
+
+    def align(self, per_position: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """A [B, L, ...] per-position tensor (targets, negatives) laid out like the encoder's outputs."""
+        return per_position
+
+    # --- the model ---------------------------------------------------------------------------------------
+
+    def forward(self, item_seq, item_seq_len, user_ids, table=None):
+        """User representations [B, H] for sequences of known users."""
+        table = self.item_table() if table is None else table
+        output = self.encode_personalised(table[item_seq], item_seq, item_seq_len, self.personal_vectors(user_ids))
+        return self.gather_indexes(output, self.user_positions(item_seq_len))
+
+    def calculate_loss(self, interaction):
+        """Eq. 1 at every position the encoder outputs for a target (see :meth:`align`)."""
+        seq, pos, neg = interaction[self.ITEM_SEQ], interaction[TARGET_LIST], interaction[NEG_LIST]
+        lengths = interaction[self.ITEM_SEQ_LEN]
+        items, inverse = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
+        emb = self.item_vectors(items)[inverse]  # [3, B, L, H]
+        personal = self.personal_vectors(interaction[self.USER_ID])
+        output = self.encode_personalised(emb[0], seq, lengths, personal)
+        pos_logits = (output * self.align(emb[1], lengths)).sum(-1)
+        neg_logits = (output * self.align(emb[2], lengths)).sum(-1)
+        mask = self.align(pos, lengths) > 0
+        return (F.softplus(-pos_logits) + F.softplus(neg_logits))[mask].mean()
+
+    def predict(self, interaction):
+        user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.USER_ID])
+        return (user * self.item_table()[interaction[self.ITEM_ID]]).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        table = self.item_table()
+        seq, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        return self.forward(seq, lengths, interaction[self.USER_ID], table) @ table.T
+
+    # --- accounting ----------------------------------------------------------------------------------------
+
+    def personal_components(self) -> dict:
+        """The mechanism's own trainable modules besides the embedding (shared by all users)."""
+        return {}
+
+    def parameter_components(self) -> dict:
+        source = self.personal_source
+        components = {f"{source}_specific/{source}_embeddings": self.personal_embedding}
+        components.update({f"global/{name}": part for name, part in super().parameter_components().items()})
+        components.update({f"global/{name}": part for name, part in self.personal_components().items()})
+        return components
+
+    def new_state_prefixes(self) -> tuple[str, ...]:
+        """State keys a GlobalPEFT checkpoint does not have (initialised fresh by load_global)."""
+        return ("personal_embedding.", "group_of_user")
+
+    def adapt_global_state(self, state: dict) -> dict:
+        """A GlobalPEFT state made to fit this model (load_global)."""
+        return state
+
+
+class AppendPersonalVector(PersonalisedGlobalPEFT):
+    """Level 1: the personal vector as one more sequence element, at position ``item_length``.
+
+    Trained with Eq. 1 at every item position plus the user position, whose target (and sampled
+    negative) is the last position's; predictions use the output at the user position."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        # One more position than GlobalPEFT: a full sequence's user vector sits at index max_seq_length.
+        self.sequence_encoder = SASRecEncoder(config, self.max_seq_length + 1)
+        self.sequence_encoder.apply(self._init_weights)
+
+    @staticmethod
+    def _put_at_end(per_position: torch.Tensor, item_seq_len: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [B, L + 1, ...] with ``values`` [B, ...] at index ``item_seq_len`` of each row."""
+        extended = torch.cat([per_position, per_position.new_zeros(per_position[:, :1].shape)], dim=1)
+        rows = torch.arange(len(per_position), device=per_position.device)
+        return extended.index_put((rows, item_seq_len), values)
+
+    def encode_personalised(self, item_emb, item_seq, item_seq_len, personal):
+        emb = self._put_at_end(item_emb, item_seq_len, personal.to(item_emb.dtype))
+        # The attention mask treats the user position as a real element (any id > 0 marks it).
+        marker = self._put_at_end(item_seq, item_seq_len, torch.ones_like(item_seq_len))
+        return self.sequence_encoder(emb, self.get_attention_mask(marker))
+
+    def user_positions(self, item_seq_len):
+        return item_seq_len
+
+    def align(self, per_position, item_seq_len):
+        rows = torch.arange(len(per_position), device=per_position.device)
+        return self._put_at_end(per_position, item_seq_len, per_position[rows, item_seq_len - 1])
+
+    def adapt_global_state(self, state: dict) -> dict:
+        """A GlobalPEFT state has max_seq_length position embeddings: the extra (user) one keeps
+        its fresh initialisation."""
+        key = "sequence_encoder.position_embedding.weight"
+        own = self.sequence_encoder.position_embedding.weight
+        if key in state and state[key].shape[0] == own.shape[0] - 1:
+            state = dict(state)
+            state[key] = torch.cat([state[key].to(own.device), own.detach()[-1:]])
+        return state
+
+
+class ConcatPersonalVector(PersonalisedGlobalPEFT):
+    """Level 2: ``Linear(2H, H)([item ‖ personal])`` at every position before SASRec.
+
+    The item half of the linear map starts as the identity (the encoder first sees GlobalPEFT's item
+    vectors, slightly moved by the personal half, which starts small and random)."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        hidden = config["hidden_size"]
+        self.personal_fusion = nn.Linear(2 * hidden, hidden)
+        with torch.no_grad():
+            self.personal_fusion.weight.zero_()
+            self.personal_fusion.weight[:, :hidden].copy_(torch.eye(hidden))
+            self.personal_fusion.weight[:, hidden:].normal_(mean=0.0, std=self.initializer_range)
+            self.personal_fusion.bias.zero_()
+
+    def fuse(self, item_emb: torch.Tensor, personal: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] items, [B, H] personal vectors -> [B, L, H] encoder input."""
+        personal = personal.to(item_emb.dtype).unsqueeze(1).expand_as(item_emb)
+        return self.personal_fusion(torch.cat([item_emb, personal], dim=-1))
+
+    def encode_personalised(self, item_emb, item_seq, item_seq_len, personal):
+        return self.sequence_encoder(self.fuse(item_emb, personal), self.get_attention_mask(item_seq))
+
+    def user_positions(self, item_seq_len):
+        return item_seq_len - 1
+
+    def personal_components(self) -> dict:
+        return {"personal_fusion": self.personal_fusion}
+
+    def new_state_prefixes(self) -> tuple[str, ...]:
+        return (*super().new_state_prefixes(), "personal_fusion.")
+
+
+class GroupPersonalisation(TwoStageGrouped):
+    """Mixin for a :class:`PersonalisedGlobalPEFT` whose vectors come from the user's interest group
+    (put it first among the bases). Stage 2 of the two-stage run starts from the trained GlobalPEFT:
+    everything but the group embeddings (and the mechanism's new parts) is loaded from it."""
+
+    personal_source = "group"
+
+    def load_global(self, global_state: dict, groups) -> None:
+        state = self.adapt_global_state(global_state)
+        result = self.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"Not a GlobalPEFT state for this configuration: {result.unexpected_keys}")
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = [
+            k for k in result.missing_keys
+            if not self._is_frozen_foundation_key(k, trainable) and not k.startswith(self.new_state_prefixes())
+        ]  # fmt: skip
+        if missing:
+            raise RuntimeError(f"The GlobalPEFT state lacks {missing}: not a GlobalPEFT of this configuration.")
+        getLogger().info(f"{type(self).__name__}: GlobalPEFT loaded; new: {', '.join(self.new_state_prefixes())}")
+        self.set_groups(groups)
+
+    def set_groups(self, groups) -> None:
+        if groups.n_groups != self.personal_embedding.num_embeddings:
+            raise ValueError(
+                f"{groups.n_groups} groups given to a model built for {self.personal_embedding.num_embeddings}."
+            )
+        labels = torch.as_tensor(groups.labels, dtype=torch.long)
+        if labels.shape != self.group_of_user.shape:
+            raise ValueError(f"Group labels for {len(labels)} users; the model has {len(self.group_of_user)}.")
+        self.user_groups = groups
+        self.group_of_user.copy_(labels)

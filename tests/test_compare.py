@@ -1,0 +1,449 @@
+"""recbole_perpeft.compare: seeds, aggregation, paired t-tests, Markdown, the runner (with a fake training
+function: stage-1 sharing, per-run JSON reuse), the command line, and one real comparison end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from recbole_perpeft import compare as cmp
+from tests.tiny import REPO_ROOT, RUN_SCRIPT, make_atomic_dataset, quick_config
+
+# --- seeds -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("3", 3), (3, 3), ("1", 1), ("1,2,3", [1, 2, 3]), (" 7 , 9 ", [7, 9]), ("5,", [5]), ([4, 2], [4, 2])],
+)
+def test_parse_seeds(value, expected):
+    assert cmp.parse_seeds(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "three", "1,x", "1,2,1", ",", True])
+def test_parse_seeds_rejects_bad_values(value):
+    with pytest.raises(ValueError, match="seed"):
+        cmp.parse_seeds(value)
+
+
+def test_resolve_seeds_counts_up_from_the_base_seed_or_keeps_a_list():
+    assert cmp.resolve_seeds(3, 2024) == [2024, 2025, 2026]
+    assert cmp.resolve_seeds("2", lambda: 10) == [10, 11]
+
+    def no_config():
+        raise AssertionError("an explicit list needs no base seed")
+
+    assert cmp.resolve_seeds("8,3", no_config) == [8, 3]
+
+
+def test_config_seed_from_override_files_or_properties(tmp_path):
+    assert cmp.config_seed("SASRec", "anything", None, {"seed": "11"}) == 11
+    keys = make_atomic_dataset(tmp_path / "data", "seedds", with_images=False)
+    keys.pop("image_dir")
+    assert cmp.config_seed("SASRec", "seedds", None, keys) == 2024  # properties/overall.yaml
+    config_file = tmp_path / "seed.yaml"
+    config_file.write_text("seed: 99\n")
+    assert cmp.config_seed("SASRec", "seedds", [str(config_file)], keys) == 99
+
+
+def test_output_paths_sit_next_to_the_result_file(tmp_path):
+    assert cmp.output_paths(tmp_path / "out" / "table.json") == (tmp_path / "out/table.runs", tmp_path / "out/table.md")
+    assert cmp.output_paths("table") == (Path("table.runs"), Path("table.md"))
+    assert cmp.run_file("x.runs", "PerPEFT", 7) == Path("x.runs/PerPEFT-seed7.json")
+    with pytest.raises(ValueError, match="Markdown"):
+        cmp.output_paths("table.md")
+
+
+def test_parse_models():
+    assert cmp.parse_models("SASRec, FrozenMM,PerPEFT") == ["SASRec", "FrozenMM", "PerPEFT"]
+    for bad in ("A,,B", "A,B,A", ","):
+        with pytest.raises(ValueError):
+            cmp.parse_models(bad)
+
+
+def test_grouped_models_are_found_by_their_class_attribute():
+    assert cmp.is_grouped("PerPEFT")
+    assert not cmp.is_grouped("GlobalPEFT") and not cmp.is_grouped("SASRec")
+    with pytest.raises(ValueError, match="NoSuchModel"):
+        cmp.is_grouped("NoSuchModel")
+
+
+# --- aggregation and t-tests (pure) -----------------------------------------------------------------------------
+
+
+def results_table():
+    """{model: {seed: test_result}} with known numbers."""
+    return {
+        "A": {
+            1: {"hit@20": 0.1, "ndcg@20": 0.05, "hit@30": 0.2, "ndcg@30": 0.06, "recall@20": 0.4},
+            2: {"hit@20": 0.2, "ndcg@20": 0.05, "hit@30": 0.3, "ndcg@30": 0.07},
+            3: {"hit@20": 0.3, "ndcg@20": 0.05, "hit@30": 0.4, "ndcg@30": 0.08},
+        },
+        "B": {
+            1: {"hit@20": 0.30, "ndcg@20": 0.10, "hit@30": 0.35, "ndcg@30": 0.06},
+            2: {"hit@20": 0.32, "ndcg@20": 0.12, "hit@30": 0.45, "ndcg@30": 0.07},
+            3: {"hit@20": 0.35, "ndcg@20": 0.11, "hit@30": 0.55, "ndcg@30": 0.08},
+        },
+    }
+
+
+def test_common_metrics_are_shared_topk_keys_hit_then_ndcg_by_k():
+    table = results_table()
+    assert cmp.common_metrics(table) == ["hit@20", "hit@30", "ndcg@20", "ndcg@30"]  # recall@20: only one run
+    other = {"M": {1: {"ndcg@10": 0.1, "hit@5": 0.2, "hit@10": 0.3, "mrr@10": 0.4, "ndcg@5": 0.0, "loss": 1.0}}}
+    assert cmp.common_metrics(other) == ["hit@5", "hit@10", "ndcg@5", "ndcg@10", "mrr@10"]
+    with pytest.raises(ValueError):
+        cmp.common_metrics({"A": {1: {"hit@5": 0.1}}, "B": {1: {"ndcg@5": 0.1}}})
+
+
+def test_aggregate_mean_and_sample_std():
+    summary = cmp.aggregate(results_table())
+    a = summary["A"]
+    assert a["hit@20"]["mean"] == pytest.approx(0.2) and a["hit@20"]["std"] == pytest.approx(0.1)  # ddof=1
+    assert a["hit@20"]["per_seed"] == [0.1, 0.2, 0.3]
+    assert a["ndcg@20"]["mean"] == pytest.approx(0.05) and a["ndcg@20"]["std"] == pytest.approx(0.0, abs=1e-12)
+    assert a["ndcg@30"]["std"] == pytest.approx(0.01)
+    b = summary["B"]["hit@30"]
+    assert b["mean"] == pytest.approx(0.45) and b["std"] == pytest.approx(0.1)
+    assert set(summary["A"]) == {"hit@20", "hit@30", "ndcg@20", "ndcg@30"}
+
+    one = cmp.aggregate({"A": {5: {"hit@20": 0.25}}})
+    assert one["A"]["hit@20"] == {"mean": 0.25, "std": 0.0, "per_seed": [0.25]}
+    ordered = cmp.aggregate(results_table(), metrics=["hit@20"], seeds=[3, 1])
+    assert ordered["A"]["hit@20"]["per_seed"] == [0.3, 0.1]
+
+
+def test_paired_ttest_is_scipys():
+    a = [0.30, 0.32, 0.35, 0.31]
+    b = [0.25, 0.29, 0.30, 0.28]
+    expected = stats.ttest_rel(a, b).pvalue
+    assert cmp.paired_ttest(a, b) == pytest.approx(expected, rel=1e-12)
+    # By hand: t = mean(d) / (sd(d) / sqrt(n)), two-sided with n - 1 degrees of freedom.
+    d = np.subtract(a, b)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    assert cmp.paired_ttest(a, b) == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1), rel=1e-9)
+    assert math.isnan(cmp.paired_ttest([0.1], [0.2]))  # one seed
+    assert math.isnan(cmp.paired_ttest([0.1, 0.2], [0.1, 0.2]))  # identical
+    with pytest.raises(ValueError):
+        cmp.paired_ttest([0.1, 0.2], [0.1])
+
+
+def test_ttest_p_values_against_the_reference_pair_by_seed():
+    table = results_table()
+    table["C"] = {2: {"hit@20": 0.2, "hit@30": 0.3, "ndcg@20": 0.05, "ndcg@30": 0.07}}  # one seed in common with B
+    p = cmp.ttest_p_values(table, "B", ["hit@20", "ndcg@30"])
+    assert set(p) == {"A", "C"}
+    assert p["A"]["hit@20"] == pytest.approx(stats.ttest_rel([0.30, 0.32, 0.35], [0.1, 0.2, 0.3]).pvalue)
+    assert math.isnan(p["A"]["ndcg@30"])  # identical per seed
+    assert math.isnan(p["C"]["hit@20"])  # one paired seed
+    with pytest.raises(ValueError, match="Z"):
+        cmp.ttest_p_values(table, "Z")
+
+
+def test_summarise_is_strict_json_with_nan_as_null():
+    summary = cmp.summarise("ds", ["A", "B"], [1, 2, 3], results_table(), runs={"A": {1: "a1.json"}})
+    text = json.dumps(summary, allow_nan=False)  # no NaN in the file
+    assert json.loads(text)["ttest"]["p_values"]["A"]["ndcg@30"] is None
+    assert summary["ttest"]["reference"] == "B"  # default: the last model
+    assert summary["models"] == ["A", "B"] and summary["seeds"] == [1, 2, 3]
+    assert summary["metrics"] == ["hit@20", "hit@30", "ndcg@20", "ndcg@30"]
+    assert summary["runs"] == {"A": {"1": "a1.json"}, "B": {}}
+    assert summary["results"]["A"]["hit@20"]["mean"] == pytest.approx(0.2)
+
+
+def test_render_markdown_table():
+    summary = {
+        "dataset": "ds",
+        "seeds": [1, 2],
+        "models": ["SASRec", "GlobalPEFT", "PerPEFT"],
+        "metrics": ["hit@20", "ndcg@20"],
+        "results": {
+            "SASRec": {"hit@20": {"mean": 0.1, "std": 0.01}, "ndcg@20": {"mean": 0.0512345, "std": 0.0}},
+            "GlobalPEFT": {"hit@20": {"mean": 0.123456, "std": 0.004321}, "ndcg@20": {"mean": 0.06, "std": 0.002}},
+            "PerPEFT": {"hit@20": {"mean": 0.12, "std": 0.02}, "ndcg@20": {"mean": 0.0599999, "std": 0.001}},
+        },
+        "ttest": {
+            "reference": "PerPEFT",
+            "p_values": {
+                "SASRec": {"hit@20": 0.0004, "ndcg@20": 0.049},
+                "GlobalPEFT": {"hit@20": 0.5, "ndcg@20": None},
+            },
+        },
+    }
+    text = cmp.render_markdown(summary)
+    lines = text.splitlines()
+    assert "ds" in lines[0] and "2 seeds (1, 2)" in lines[0]
+    assert "| Model | hit@20 | ndcg@20 |" in lines
+    assert "| SASRec | 10.00 (1.00)† | 5.12 (0.00)† |" in lines
+    # Best mean per column in bold (PerPEFT's 5.9999... shows as 6.00: a tie on what the table shows).
+    assert "| GlobalPEFT | **12.35** (0.43) | **6.00** (0.20) |" in lines
+    assert "| PerPEFT | 12.00 (2.00) | **6.00** (0.10) |" in lines
+    assert any("† p < 0.05" in line and "PerPEFT" in line for line in lines)
+    assert "| SASRec | <0.001 † | 0.049 † |" in lines
+    assert "| GlobalPEFT | 0.500 | n/a |" in lines
+    assert not any(line.startswith("| PerPEFT | <") or line.startswith("| PerPEFT | n/a") for line in lines)
+
+
+# --- the runner, with a fake training function ----------------------------------------------------------------------
+
+GROUPED = {"PerPEFT", "GroupLevel1"}
+
+
+class FakeRun:
+    """Stands in for quick_start.run: records each call, returns a result like the real one (no file)."""
+
+    def __init__(self, root: Path):
+        self.root, self.calls = root, []
+
+    def __call__(self, model, dataset, config_file_list=None, config_dict=None, result_file=None, **kwargs):
+        config_dict = dict(config_dict)
+        self.calls.append({"model": model, "config_dict": config_dict, "result_file": result_file})
+        seed = config_dict["seed"]
+        base = {"SASRec": 0.1, "GlobalPEFT": 0.2, "PerPEFT": 0.3, "GroupLevel1": 0.25}[model]
+        value = base + 0.01 * (seed % 7)
+        result = {
+            "model": model,
+            "dataset": dataset,
+            "config": {"seed": seed, "model": model},
+            "test_result": {"hit@5": value, "ndcg@5": value / 2, "hit@10": value + 0.1, "ndcg@10": value / 2 + 0.05},
+        }
+        if model in GROUPED:
+            checkpoint = config_dict.get("global_checkpoint")
+            if checkpoint is None:
+                checkpoint = self.root / f"stage1-{model}-{seed}.pth"
+                checkpoint.write_bytes(b"fake")
+            result["global_checkpoint"] = str(checkpoint)
+        return result
+
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    from recbole_perpeft import quick_start
+
+    fake = FakeRun(tmp_path)
+    monkeypatch.setattr(quick_start, "run", fake)
+    monkeypatch.setattr(cmp, "is_grouped", lambda model: model in GROUPED)
+    return fake
+
+
+def test_compare_shares_stage1_per_seed_and_writes_json_and_markdown(tmp_path, fake_run, capsys):
+    result_file = tmp_path / "out" / "table.json"
+    models = ["SASRec", "PerPEFT", "GlobalPEFT", "GroupLevel1"]
+    summary = cmp.compare(
+        ",".join(models), "ds", seeds=2, overrides={"seed": "40", "epochs": "1"}, result_file=result_file
+    )
+    calls = fake_run.calls
+    assert [(c["model"], c["config_dict"]["seed"]) for c in calls] == [(m, s) for s in (40, 41) for m in models]
+    assert all(c["config_dict"]["epochs"] == "1" for c in calls)  # overrides go to every run
+    for seed in (40, 41):
+        by_model = {c["model"]: c["config_dict"] for c in calls if c["config_dict"]["seed"] == seed}
+        assert "global_checkpoint" not in by_model["PerPEFT"]  # the first grouped model trains stage 1
+        assert by_model["GroupLevel1"]["global_checkpoint"] == str(tmp_path / f"stage1-PerPEFT-{seed}.pth")
+        assert "global_checkpoint" not in by_model["SASRec"] and "global_checkpoint" not in by_model["GlobalPEFT"]
+    runs_dir = tmp_path / "out" / "table.runs"
+    assert [c["result_file"] for c in calls[:2]] == [str(runs_dir / "SASRec-seed40.json"),
+                                                     str(runs_dir / "PerPEFT-seed40.json")]  # fmt: skip
+
+    written = json.loads(result_file.read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written["dataset"] == "ds" and written["seeds"] == [40, 41] and written["models"] == models
+    assert written["metrics"] == ["hit@5", "hit@10", "ndcg@5", "ndcg@10"]
+    assert written["runs"]["PerPEFT"] == {"40": str(runs_dir / "PerPEFT-seed40.json"),
+                                          "41": str(runs_dir / "PerPEFT-seed41.json")}  # fmt: skip
+    per_run = json.loads((runs_dir / "PerPEFT-seed41.json").read_text())
+    assert per_run["config"]["seed"] == 41 and per_run["test_result"]["hit@5"] == pytest.approx(0.3 + 0.06)
+    sas = written["results"]["SASRec"]["hit@5"]
+    assert sas["per_seed"] == pytest.approx([0.15, 0.16]) and sas["mean"] == pytest.approx(0.155)
+    assert sas["std"] == pytest.approx(np.std([0.15, 0.16], ddof=1))
+    assert written["ttest"]["reference"] == "GroupLevel1" and set(written["ttest"]["p_values"]) == set(models[:3])
+
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert "| PerPEFT | **35.50** (0.71)† |" in markdown  # hit@5: best mean, x100; differs from GroupLevel1
+    out = capsys.readouterr().out
+    assert markdown.strip() in out  # printed too
+    assert "run 1 of 8: SASRec seed 40" in out and "run 8 of 8: GroupLevel1 seed 41" in out
+
+
+def test_compare_reuses_finished_runs(tmp_path, fake_run, capsys):
+    result_file = tmp_path / "t.json"
+    first = cmp.compare(["SASRec", "PerPEFT", "GroupLevel1"], "ds", seeds=[3, 4], result_file=result_file)
+    assert len(fake_run.calls) == 6
+    capsys.readouterr()
+
+    second = cmp.compare(["SASRec", "PerPEFT", "GroupLevel1"], "ds", seeds=[3, 4], result_file=result_file)
+    assert len(fake_run.calls) == 6  # nothing ran again
+    assert second == first
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 6 and "run 2 of 6: PerPEFT seed 3: reusing" in out
+
+    # A new seed and a lost run: only those run; GroupLevel1 still gets the reused PerPEFT's stage 1.
+    os.remove(tmp_path / "t.runs" / "GroupLevel1-seed3.json")
+    cmp.compare(["SASRec", "PerPEFT", "GroupLevel1"], "ds", seeds=[3, 4, 5], result_file=result_file)
+    redone = [(c["model"], c["config_dict"]["seed"]) for c in fake_run.calls[6:]]
+    assert redone == [("GroupLevel1", 3), ("SASRec", 5), ("PerPEFT", 5), ("GroupLevel1", 5)]
+    assert fake_run.calls[6]["config_dict"]["global_checkpoint"] == str(tmp_path / "stage1-PerPEFT-3.pth")
+
+    # A per-run JSON of another run (here seed 4's) in the way, or a broken one, is not taken for this run.
+    runs_dir = tmp_path / "t.runs"
+    (runs_dir / "SASRec-seed3.json").write_text((runs_dir / "SASRec-seed4.json").read_text())
+    cmp.compare(["SASRec"], "ds", seeds=[3], result_file=result_file)
+    assert len(fake_run.calls) == 11 and fake_run.calls[-1]["config_dict"]["seed"] == 3
+    assert json.loads((runs_dir / "SASRec-seed3.json").read_text())["config"]["seed"] == 3
+    (runs_dir / "SASRec-seed3.json").write_text("{not json")
+    cmp.compare(["SASRec"], "ds", seeds=[3], result_file=result_file)
+    assert len(fake_run.calls) == 12
+    assert "not a finished run of SASRec" in capsys.readouterr().out
+
+    # Reused runs whose config disagrees with an override are reported (and still not redone).
+    cmp.compare(["SASRec"], "ds", seeds=[3], overrides={"epochs": "3"}, result_file=result_file)
+    assert len(fake_run.calls) == 12
+    assert "SASRec-seed3.json was run with epochs=None (now 3)" in capsys.readouterr().out
+
+
+def test_changed_keys_compares_overrides_as_recbole_reads_them():
+    result = {"config": {"epochs": 1, "topk": [5, 10], "show_progress": False, "valid_metric": "hit@10",
+                         "learning_rate": 0.001, "checkpoint_dir": "/x/saved", "seed": 1}}  # fmt: skip
+    same = {"epochs": "1", "topk": "[5,10]", "show_progress": "false", "valid_metric": "hit@10",
+            "learning_rate": "1e-3", "checkpoint_dir": "/x/saved", "seed": "2"}  # fmt: skip
+    assert cmp.changed_keys(result, same) == []
+    assert cmp.changed_keys(result, {"epochs": "2", "topk": "[5]"}) == ["epochs=1 (now 2)", "topk=[5, 10] (now [5])"]
+
+
+def test_compare_keeps_a_global_checkpoint_the_user_gave(tmp_path, fake_run):
+    cmp.compare("PerPEFT,GroupLevel1", "ds", seeds="1,2", overrides={"global_checkpoint": "mine.pth"},
+                result_file=tmp_path / "t.json")  # fmt: skip
+    assert [c["config_dict"]["global_checkpoint"] for c in fake_run.calls] == ["mine.pth"] * 4
+
+
+def test_compare_checks_names_and_reference_before_training(tmp_path, fake_run):
+    with pytest.raises(ValueError, match="--ttest=Nope"):
+        cmp.compare("SASRec,PerPEFT", "ds", seeds=1, result_file=tmp_path / "t.json", reference="Nope")
+    assert not fake_run.calls
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+
+def load_entry_point():
+    spec = importlib.util.spec_from_file_location("run_recbole_perpeft", RUN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def entry_calls(monkeypatch):
+    from recbole_perpeft import quick_start
+
+    calls = []
+    monkeypatch.setattr(quick_start, "run", lambda *a, **k: calls.append(("run", a, k)))
+    monkeypatch.setattr(cmp, "compare", lambda *a, **k: calls.append(("compare", a, k)))
+    return calls
+
+
+def test_command_line_picks_single_run_or_comparison(entry_calls):
+    main = load_entry_point().main
+    main(["--model=A", "--dataset=D", "--seed=7", "--epochs=1", "--result_file=r.json"])
+    assert entry_calls[-1] == (
+        "run",
+        ("A", "D"),
+        {"config_file_list": None, "config_dict": {"seed": "7", "epochs": "1"}, "result_file": "r.json",
+         "resume": None},
+    )  # fmt: skip
+
+    main(["--model=A,B", "--dataset=D", "--seeds=2", "--epochs=1", "--config_files=x.yaml", "--result_file=t.json"])
+    kind, args, kwargs = entry_calls[-1]
+    assert kind == "compare" and args == ("A,B", "D")
+    assert kwargs == {"seeds": 2, "config_file_list": ["x.yaml"], "overrides": {"epochs": "1"},
+                      "result_file": "t.json", "reference": None}  # fmt: skip
+
+    main(["--model=A", "--dataset=D", "--seeds=1,5"])  # --seeds alone: a comparison of one model
+    assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["seeds"] == [1, 5]
+    main(["--model=A,B", "--ttest=A"])  # a comma alone: one seed
+    assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["seeds"] == cmp.DEFAULT_SEEDS == 1
+    assert entry_calls[-1][2]["reference"] == "A"
+    assert len(entry_calls) == 4
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--model=A,B", "--seeds=x"], "--seeds"),
+        (["--model=A,B", "--resume=c.pth"], "--resume"),
+    ],
+)
+def test_command_line_comparison_errors(argv, fragment, entry_calls):
+    with pytest.raises(SystemExit) as info:
+        load_entry_point().main(argv)
+    assert str(info.value.code).startswith("error: ") and fragment in str(info.value.code)
+    assert not entry_calls
+
+
+def test_command_line_comparison_error_from_compare(monkeypatch):
+    def failing(*args, **kwargs):
+        raise FileNotFoundError("no such dataset")
+
+    monkeypatch.setattr(cmp, "compare", failing)
+    with pytest.raises(SystemExit) as info:
+        load_entry_point().main(["--model=A,B"])
+    assert info.value.code == "error: no such dataset"
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_comparison_end_to_end(tmp_path):
+    data_keys = make_atomic_dataset(tmp_path / "data", "cmpds", n_users=30, n_items=40)
+    keys = quick_config(tmp_path, **data_keys, topk=[5, 10], valid_metric="hit@10", state="WARNING")
+    keys.pop("epochs")
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(keys))
+    result_file = tmp_path / "table.json"
+    argv = [sys.executable, str(RUN_SCRIPT), "--model=SASRec,FrozenMM", "--dataset=cmpds", "--seeds=2",
+            "--epochs=1", f"--config_files={config_file}", f"--result_file={result_file}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    summary = json.loads(result_file.read_text())
+    assert summary["dataset"] == "cmpds" and summary["models"] == ["SASRec", "FrozenMM"]
+    assert summary["seeds"] == [2024, 2025]
+    assert summary["metrics"] == ["hit@5", "hit@10", "ndcg@5", "ndcg@10"]
+    checkpoints = set()
+    for model in ("SASRec", "FrozenMM"):
+        for seed in (2024, 2025):
+            run = json.loads(Path(summary["runs"][model][str(seed)]).read_text())
+            assert run["model"] == model and run["config"]["seed"] == seed and run["config"]["epochs"] == 1
+            checkpoints.add(run["checkpoint"])
+        for metric in summary["metrics"]:
+            entry = summary["results"][model][metric]
+            assert len(entry["per_seed"]) == 2 and all(0 <= v <= 1 for v in entry["per_seed"])
+            assert entry["mean"] == pytest.approx(np.mean(entry["per_seed"]))
+            assert entry["std"] == pytest.approx(np.std(entry["per_seed"], ddof=1))
+    assert len(checkpoints) == 4  # one checkpoint file per run
+    assert summary["ttest"]["reference"] == "FrozenMM" and set(summary["ttest"]["p_values"]) == {"SASRec"}
+
+    markdown = (tmp_path / "table.md").read_text()
+    assert "| Model | hit@5 | hit@10 | ndcg@5 | ndcg@10 |" in markdown and "**" in markdown
+    assert "| SASRec |" in markdown and "| FrozenMM |" in markdown
+    assert markdown.strip() in proc.stdout
+    assert "run 4 of 4: FrozenMM seed 2025" in proc.stdout
+
+    # Run again: every run is reused, nothing trains, the table is the same.
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "table.runs").iterdir()}
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("reusing") == 4
+    assert {p: p.stat().st_mtime for p in (tmp_path / "table.runs").iterdir()} == mtimes
+    assert (tmp_path / "table.md").read_text() == markdown
