@@ -3,7 +3,6 @@ function: stage-1 sharing, per-run JSON reuse), the command line, and one real c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import yaml
 from scipy import stats
 
 from recbole_perpeft import compare as cmp
-from tests.tiny import REPO_ROOT, RUN_SCRIPT, make_atomic_dataset, quick_config
+from tests.tiny import REPO_ROOT, RUN_SCRIPT, load_entry_point, make_atomic_dataset, quick_config
 
 # --- seeds -------------------------------------------------------------------------------------------------------
 
@@ -332,13 +331,6 @@ def test_compare_checks_names_and_reference_before_training(tmp_path, fake_run):
 
 
 # --- command line ------------------------------------------------------------------------------------------------
-
-
-def load_entry_point():
-    spec = importlib.util.spec_from_file_location("run_recbole_perpeft", RUN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

@@ -3,12 +3,8 @@ and the errors a user sees."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +15,12 @@ from recbole_perpeft.quick_start import run
 from recbole_perpeft.utils import get_trainer
 from tests.tiny import (
     POSTERS_DIR,
-    REPO_ROOT,
-    RUN_SCRIPT,
     build_model,
+    load_entry_point,
     make_atomic_dataset,
     make_tiny_clip,
     quick_config,
+    run_script,
 )
 
 DATASET = "e2eds"
@@ -47,20 +43,6 @@ def config_file(tmp_path, data_keys):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(keys))
     return path
-
-
-def run_script(args, cwd, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(
-        [sys.executable, str(RUN_SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def load_entry_point():
-    spec = importlib.util.spec_from_file_location("run_recbole_perpeft", RUN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_metrics(result: dict) -> None:

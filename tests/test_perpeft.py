@@ -6,12 +6,9 @@ and the ablation switches (group negatives, grouping method)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,7 +27,14 @@ from recbole_perpeft.model.sequential_recommender.perpeft import PerPEFT
 from recbole_perpeft.trainer import PEFTTrainer
 from recbole_perpeft.two_stage import TwoStageRun, stage_config, training_histories
 from recbole_perpeft.utils import get_model, trainable_parameters_by_component
-from tests.tiny import REPO_ROOT, RUN_SCRIPT, item_token, make_atomic_dataset, make_tiny_clip, quick_config
+from tests.tiny import (
+    item_token,
+    load_entry_point,
+    make_atomic_dataset,
+    make_tiny_clip,
+    quick_config,
+    run_script,
+)
 
 DATASET = "perpeftds"
 E2E_DATASET = "perpeftcli"
@@ -529,20 +533,6 @@ def cli_data(env, tmp_path_factory):
     """80 users, so that a 50% user sample keeps enough to split and group."""
     root = tmp_path_factory.mktemp("cli-data")
     return make_atomic_dataset(root, E2E_DATASET, n_users=80, n_items=N_ITEMS)
-
-
-def run_script(args, cwd, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(
-        [sys.executable, str(RUN_SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def load_entry_point():
-    spec = importlib.util.spec_from_file_location("run_recbole_perpeft", RUN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cli_config_file(tmp_path, env, cli_data) -> str:

@@ -5,9 +5,12 @@ Plain module (not a conftest): ``from tests.tiny import make_atomic_dataset, mak
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -229,3 +232,22 @@ def build_model(model: str, dataset: str, config_dict: dict, seed: int | None = 
     init_seed(config["seed"] if seed is None else seed, config["reproducibility"])
     instance = model_class(config, train_data._dataset)
     return config, instance, train_data, valid_data, test_data
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+
+def run_script(args, cwd, timeout=600):
+    """``run_recbole_perpeft.py ARGS`` in a subprocess, offline, from ``cwd``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, str(RUN_SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def load_entry_point():
+    """run_recbole_perpeft.py as a module, to call its main() in-process."""
+    spec = importlib.util.spec_from_file_location("run_recbole_perpeft", RUN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
