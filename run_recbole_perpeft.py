@@ -52,42 +52,35 @@ def is_comparison(args) -> bool:
 
 def main(argv=None):
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if not is_comparison(args):
-        from recbole_perpeft.quick_start import run
-
-        try:
-            run(
-                args.model,
-                args.dataset,
-                config_file_list=files,
-                config_dict=overrides,
-                result_file=args.result_file,
-                resume=args.resume,
-            )
-        except (ValueError, KeyError, FileNotFoundError, OSError) as err:
-            sys.exit(f"error: {err}")
-        return
-
-    from recbole_perpeft.compare import DEFAULT_SEEDS, compare, parse_seeds
-
     try:
-        if args.resume:
-            raise ValueError(
-                "--resume continues a single run; a comparison continues by itself when run again "
-                "(it reuses the per-run result JSONs it finds)."
-            )
-        compare(
-            args.model,
-            args.dataset,
-            seeds=parse_seeds(args.seeds) if args.seeds is not None else DEFAULT_SEEDS,
-            config_file_list=files,
-            overrides=overrides,
-            result_file=args.result_file,
-            reference=args.ttest,
-        )
+        if is_comparison(args):
+            run_comparison(args, files, overrides)
+        else:
+            from recbole_perpeft.quick_start import run
+
+            run(args.model, args.dataset, config_file_list=files, config_dict=overrides,
+                result_file=args.result_file, resume=args.resume)  # fmt: skip
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         sys.exit(f"error: {err}")
 
+
+def run_comparison(args, files, overrides):
+    from recbole_perpeft.compare import DEFAULT_SEEDS, compare, parse_seeds
+
+    if args.resume:
+        raise ValueError(
+            "--resume continues a single run; a comparison continues by itself when run again "
+            "(it reuses the per-run result JSONs it finds)."
+        )
+    compare(
+        args.model,
+        args.dataset,
+        seeds=parse_seeds(args.seeds) if args.seeds is not None else DEFAULT_SEEDS,
+        config_file_list=files,
+        overrides=overrides,
+        result_file=args.result_file,
+        reference=args.ttest,
+    )
 
 if __name__ == "__main__":
     main()

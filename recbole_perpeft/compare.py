@@ -235,6 +235,10 @@ def _significant(p) -> bool:
     return p is not None and not (isinstance(p, float) and math.isnan(p)) and p < SIGNIFICANCE
 
 
+def table_header(metrics) -> list[str]:
+    return ["| Model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+
+
 def render_markdown(summary: dict) -> str:
     """The comparison JSON (:func:`summarise`'s dict) as Markdown: metrics x100 with 2 decimals,
     ``mean (std)``, the best mean per column in bold, ``†`` on a model's cell where the paired t-test
@@ -252,8 +256,7 @@ def render_markdown(summary: dict) -> str:
         f"Test metrics on {summary.get('dataset')} (x100): mean (std) over {len(seeds)} seed"
         f"{'s' if len(seeds) != 1 else ''} ({', '.join(str(s) for s in seeds)}); best mean in bold.",
         "",
-        "| Model | " + " | ".join(metrics) + " |",
-        "|---|" + "---:|" * len(metrics),
+        *table_header(metrics),
     ]
     for model in models:
         cells = []
@@ -273,8 +276,7 @@ def render_markdown(summary: dict) -> str:
             f"{MARKER} p < {SIGNIFICANCE} in a paired t-test against {reference} over the seeds. "
             f"p-values vs {reference}:",
             "",
-            "| Model | " + " | ".join(metrics) + " |",
-            "|---|" + "---:|" * len(metrics),
+            *table_header(metrics),
         ]
         for model in models:
             if model == reference or model not in p_values:

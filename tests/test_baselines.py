@@ -21,7 +21,6 @@ from recbole.utils import init_seed
 
 from recbole_perpeft import two_stage
 from recbole_perpeft.config import Config
-from recbole_perpeft.data import create_dataset, data_preparation
 from recbole_perpeft.data.dataloader import GroupedUserSequenceDataLoader, UserSequenceDataLoader
 from recbole_perpeft.data.sampler import SequenceNegativeSampler
 from recbole_perpeft.encoders.clip import ClipFoundation
@@ -30,7 +29,7 @@ from recbole_perpeft.model.personalisation import TwoStageGrouped
 from recbole_perpeft.quick_start import run
 from recbole_perpeft.two_stage import TwoStageRun, stage_config
 from recbole_perpeft.utils import get_model, trainable_parameters_by_component
-from tests.tiny import item_token, make_atomic_dataset, make_tiny_clip, quick_config
+from tests.tiny import build_stage1_env, item_token
 
 DATASET = "baselinesds"
 N_USERS, N_ITEMS, N_GROUPS = 40, 40, 2
@@ -41,49 +40,12 @@ PERSONAL_MODELS = USER_MODELS + GROUP_MODELS
 METRICS = {"hit@5", "hit@10", "ndcg@5", "ndcg@10"}
 
 
-def small_keys(root, data_keys: dict, clip_path: str) -> dict:
-    """Tiny sizes, tiny CLIP with both towers adapted, 2 groups, 1 + 1 epochs."""
-    return quick_config(
-        root,
-        **data_keys,
-        foundation_model="clip",
-        clip_path=clip_path,
-        adapt_image_tower=True,
-        n_groups=N_GROUPS,
-        topk=[5, 10],
-        valid_metric="hit@10",
-        stage1_epochs=1,
-        stage2_epochs=1,
-        learning_rate=1e-3,
-    )
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Data, loaders, the trained stage-1 GlobalPEFT (with its checkpoint) and the user groups, once."""
-    root = tmp_path_factory.mktemp("baselines")
-    clip = make_tiny_clip(root / "clip")
-    data_keys = make_atomic_dataset(
-        root / "data", DATASET, n_users=N_USERS, n_items=N_ITEMS,
+    return build_stage1_env(
+        tmp_path_factory.mktemp("baselines"), "GroupLevel1", DATASET, N_USERS, N_ITEMS,
         missing_images=[NO_IMAGE_ITEM], empty_titles=[NO_TITLE_ITEM],
-    )  # fmt: skip
-    config_dict = small_keys(root, data_keys, clip.path)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # RecBole's trainer writes log_tensorboard/ under the working directory
-        config = Config(model="GroupLevel1", dataset=DATASET, config_dict=config_dict)
-        init_seed(config["seed"], True)
-        dataset = create_dataset(config)
-        train_data, valid_data, test_data = data_preparation(config, dataset, get_model("GroupLevel1"))
-        init_seed(config["seed"], True)
-        run_ = TwoStageRun(config, train_data, valid_data, test_data)
-        global_model = run_.stage1(None)
-        groups = run_.group_users(global_model)
-    global_model.eval()
-    assert groups.n_groups == N_GROUPS and min(groups.sizes()) > 0
-    return SimpleNamespace(
-        root=root, clip_path=clip.path, data_keys=data_keys, config_dict=config_dict, config=config,
-        train_data=train_data, valid_data=valid_data, test_data=test_data, train_dataset=train_data._dataset,
-        run=run_, global_model=global_model, groups=groups,
     )  # fmt: skip
 
 

@@ -19,21 +19,21 @@ from recbole.utils import init_seed
 
 from recbole_perpeft import two_stage
 from recbole_perpeft.config import Config
-from recbole_perpeft.data import create_dataset, data_preparation
+from recbole_perpeft.data import create_dataset
 from recbole_perpeft.data.dataloader import GROUP_ID, GroupedUserSequenceDataLoader
 from recbole_perpeft.data.sampler import GroupNegativeSampler, SequenceNegativeSampler
 from recbole_perpeft.grouping import UserGroups
 from recbole_perpeft.model.sequential_recommender.perpeft import PerPEFT
 from recbole_perpeft.trainer import PEFTTrainer
 from recbole_perpeft.two_stage import TwoStageRun, stage_config, training_histories
-from recbole_perpeft.utils import get_model, trainable_parameters_by_component
+from recbole_perpeft.utils import trainable_parameters_by_component
 from tests.tiny import (
+    build_stage1_env,
     item_token,
     load_entry_point,
     make_atomic_dataset,
-    make_tiny_clip,
-    quick_config,
     run_script,
+    two_stage_keys,
 )
 
 DATASET = "perpeftds"
@@ -44,49 +44,12 @@ NO_IMAGE_ITEM, NO_TITLE_ITEM = item_token(4), item_token(9)
 GLOBAL = "default"  # ItemTower.GLOBAL_ADAPTER
 
 
-def small_keys(root, data_keys: dict, clip_path: str) -> dict:
-    """Tiny sizes, tiny CLIP with both towers adapted (two peft handles), 2 groups, 1 + 1 epochs."""
-    return quick_config(
-        root,
-        **data_keys,
-        foundation_model="clip",
-        clip_path=clip_path,
-        adapt_image_tower=True,
-        n_groups=N_GROUPS,
-        topk=[5, 10],
-        valid_metric="hit@10",
-        stage1_epochs=1,
-        stage2_epochs=1,
-        learning_rate=1e-3,  # visible parameter moves after a few steps
-    )
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Data, loaders, the trained stage-1 GlobalPEFT and its user groups, built once."""
-    root = tmp_path_factory.mktemp("perpeft")
-    clip = make_tiny_clip(root / "clip")
-    data_keys = make_atomic_dataset(
-        root / "data", DATASET, n_users=N_USERS, n_items=N_ITEMS,
+    return build_stage1_env(
+        tmp_path_factory.mktemp("perpeft"), "PerPEFT", DATASET, N_USERS, N_ITEMS,
         missing_images=[NO_IMAGE_ITEM], empty_titles=[NO_TITLE_ITEM],
-    )  # fmt: skip
-    config_dict = small_keys(root, data_keys, clip.path)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # RecBole's trainer writes log_tensorboard/ under the working directory
-        config = Config(model="PerPEFT", dataset=DATASET, config_dict=config_dict)
-        init_seed(config["seed"], True)
-        dataset = create_dataset(config)
-        train_data, valid_data, test_data = data_preparation(config, dataset, get_model("PerPEFT"))
-        init_seed(config["seed"], True)
-        run = TwoStageRun(config, train_data, valid_data, test_data)
-        global_model = run.stage1(None)
-        groups = run.group_users(global_model)
-    global_model.eval()
-    assert groups.n_groups == N_GROUPS and min(groups.sizes()) > 0
-    return SimpleNamespace(
-        root=root, clip_path=clip.path, data_keys=data_keys, config_dict=config_dict, config=config,
-        train_data=train_data, valid_data=valid_data, test_data=test_data, train_dataset=train_data._dataset,
-        run=run, global_model=global_model, groups=groups,
     )  # fmt: skip
 
 
@@ -536,7 +499,7 @@ def cli_data(env, tmp_path_factory):
 
 
 def cli_config_file(tmp_path, env, cli_data) -> str:
-    keys = small_keys(tmp_path, cli_data, env.clip_path)
+    keys = two_stage_keys(tmp_path, cli_data, env.clip_path)
     for key in ("epochs", "data_path", "n_groups", "stage1_epochs", "stage2_epochs"):  # given as flags
         keys.pop(key)
     path = tmp_path / "tiny.yaml"
@@ -619,7 +582,7 @@ def test_command_line_two_stages_then_stage2_only_then_resume(env, cli_data, tmp
 
 
 def test_too_many_groups_exits_non_zero_naming_n_groups(env, tmp_path):
-    keys = small_keys(tmp_path, env.data_keys, env.clip_path)
+    keys = two_stage_keys(tmp_path, env.data_keys, env.clip_path)
     argv = ["--model=PerPEFT", f"--dataset={DATASET}", f"--data_path={keys['data_path']}",
             f"--load_col={keys['load_col']}", "--text_field=title", f"--image_dir={keys['image_dir']}",
             f"--cache_dir={keys['cache_dir']}", f"--checkpoint_dir={keys['checkpoint_dir']}",

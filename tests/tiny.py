@@ -12,6 +12,7 @@ import string
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 # Nothing in the test suite may reach the network; set before transformers / huggingface_hub
@@ -251,3 +252,63 @@ def load_entry_point():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# --- a trained stage 1 for the grouped models (PerPEFT, group baselines) ---------------------------------
+
+TWO_STAGE_GROUPS = 2
+
+
+def two_stage_keys(root, data_keys: dict, clip_path: str) -> dict:
+    """Tiny sizes, tiny CLIP with both towers adapted (two peft handles), 2 groups, 1 + 1 epochs."""
+    return quick_config(
+        root,
+        **data_keys,
+        foundation_model="clip",
+        clip_path=clip_path,
+        adapt_image_tower=True,
+        n_groups=TWO_STAGE_GROUPS,
+        topk=[5, 10],
+        valid_metric="hit@10",
+        stage1_epochs=1,
+        stage2_epochs=1,
+        learning_rate=1e-3,  # visible parameter moves after a few steps
+    )
+
+
+def build_stage1_env(root, model: str, dataset: str, n_users: int, n_items: int, missing_images=(),
+                     empty_titles=()):  # fmt: skip
+    """Data, loaders, the trained stage-1 GlobalPEFT (with its checkpoint) and the user groups of a
+    two-stage ``model`` on a generated dataset, for a module-scoped fixture."""
+    import pytest
+    from recbole.utils import init_seed
+
+    from recbole_perpeft.config import Config
+    from recbole_perpeft.data import create_dataset, data_preparation
+    from recbole_perpeft.two_stage import TwoStageRun
+    from recbole_perpeft.utils import get_model
+
+    root = Path(root)
+    clip = make_tiny_clip(root / "clip")
+    data_keys = make_atomic_dataset(
+        root / "data", dataset, n_users=n_users, n_items=n_items,
+        missing_images=missing_images, empty_titles=empty_titles,
+    )  # fmt: skip
+    config_dict = two_stage_keys(root, data_keys, clip.path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # RecBole's trainer writes log_tensorboard/ under the working directory
+        config = Config(model=model, dataset=dataset, config_dict=config_dict)
+        init_seed(config["seed"], True)
+        data = create_dataset(config)
+        train_data, valid_data, test_data = data_preparation(config, data, get_model(model))
+        init_seed(config["seed"], True)
+        run = TwoStageRun(config, train_data, valid_data, test_data)
+        global_model = run.stage1(None)
+        groups = run.group_users(global_model)
+    global_model.eval()
+    assert groups.n_groups == TWO_STAGE_GROUPS and min(groups.sizes()) > 0
+    return SimpleNamespace(
+        root=root, clip_path=clip.path, data_keys=data_keys, config_dict=config_dict, config=config,
+        train_data=train_data, valid_data=valid_data, test_data=test_data, train_dataset=train_data._dataset,
+        run=run, global_model=global_model, groups=groups,
+    )  # fmt: skip

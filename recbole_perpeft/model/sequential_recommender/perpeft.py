@@ -86,7 +86,6 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: grouped = True, 
         """The item table under one group's adapter (None: the global one), once per evaluation."""
         if group not in self._group_tables or self.training:
             self.item_tower.activate(group)
-            self._item_table = None
             id_embedding = self.global_item_id_embedding if group is None else self.item_id_embedding
             items = torch.arange(self.n_items, device=self.group_of_user.device)
             with torch.no_grad():
