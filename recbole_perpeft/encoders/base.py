@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+
+def select_layers(n_states: int, spec=None, stride: int = 2) -> list[int]:
+    """Which of an encoder's ``n_states`` summary points a side network reads (config ``side_layers``).
+
+    ``spec`` None: every ``stride``-th state counting back from the last one, which is always included
+    (13 states of a 12-layer BERT, stride 2 -> [0, 2, ..., 12], IISAN's 7 blocks). ``spec`` a list of
+    ints: those states (negative counts from the end), sorted, without duplicates."""
+    if isinstance(n_states, bool) or not isinstance(n_states, int) or n_states < 1:
+        raise ValueError(f"side_layers: the encoder must have at least one layer state, got n_states={n_states!r}.")
+    if spec is None:
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"side_layers: the layer stride must be a positive int, got {stride!r}.")
+        return list(range(n_states - 1, -1, -stride))[::-1]
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or len(spec) == 0:
+        raise ValueError(f"side_layers must be a non-empty list of layer-state indices (or unset), got {spec!r}.")
+    chosen = set()
+    for index in spec:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"side_layers: layer-state indices must be ints, got {index!r} in {list(spec)!r}.")
+        if not -n_states <= index < n_states:
+            raise ValueError(
+                f"side_layers: index {index} is out of range for an encoder with {n_states} layer states "
+                f"(valid: 0..{n_states - 1}, or -{n_states}..-1 from the end)."
+            )
+        chosen.add(index % n_states)
+    return sorted(chosen)
 
 
 class FoundationModel(nn.Module):
@@ -36,6 +65,41 @@ class FoundationModel(nn.Module):
 
     def encode_image(self, pixel_values) -> torch.Tensor:
         raise NotImplementedError
+
+    # --- per-layer summaries (side networks) ----------------------------------------------------------
+
+    def num_layer_states(self, modality: str) -> int:
+        """How many summary points (e.g. embedding output + each layer) the ``modality`` encoder has."""
+        return len(self.layer_widths(modality))
+
+    def layer_widths(self, modality: str) -> list[int]:
+        """The width of each summary point of the ``modality`` encoder, in order."""
+        raise NotImplementedError
+
+    def layer_states(self, modality: str, inputs: dict, layers: list[int]) -> list[torch.Tensor]:
+        """One [N, width] summary per index in ``layers`` (0..num_layer_states-1) for a batch given
+        as ``encode`` takes it; the last state's summary is what ``encode_text``/``encode_image``
+        build on."""
+        layers = self._check_layers(modality, layers)
+        if modality == "text":
+            return self.text_layer_states(inputs["input_ids"].long(), inputs["attention_mask"].long(), layers)
+        return self.image_layer_states(self.normalize(inputs["pixels"]), layers)
+
+    def text_layer_states(self, input_ids, attention_mask, layers: list[int]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def image_layer_states(self, pixel_values, layers: list[int]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_layers(self, modality: str, layers) -> list[int]:
+        n = self.num_layer_states(modality)
+        layers = list(layers)
+        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        if bad or not layers:
+            raise ValueError(
+                f"Layer-state indices for {modality} must be a non-empty list of ints in 0..{n - 1}, got {layers!r}."
+            )
+        return layers
 
     def peft_backbones(self, modalities) -> dict[str, nn.Module]:
         """The sub-modules a peft method is attached to, to adapt ``modalities``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 from transformers import CLIPModel, CLIPTokenizer
 
 from recbole_perpeft.encoders.base import FoundationModel
@@ -66,6 +67,38 @@ class ClipFoundation(FoundationModel):
     def encode_image(self, pixel_values):
         out = self.clip.vision_model(pixel_values=pixel_values)
         return self.clip.visual_projection(out.pooler_output)
+
+    # --- per-layer summaries: L+1 hidden states (embeddings + each layer) ---------------------------------
+
+    def _tower_config(self, modality: str):
+        return self.clip.config.text_config if modality == "text" else self.clip.config.vision_config
+
+    def layer_widths(self, modality):
+        config = self._tower_config(modality)
+        return [config.hidden_size] * (config.num_hidden_layers + 1)
+
+    def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per row, the token CLIPTextModel pools (its pooler_output): the legacy argmax of the ids
+        when the config's eos_token_id is 2 (before transformers PR #24773), else the first EOS token."""
+        text_model = self.clip.text_model
+        eos = getattr(text_model, "eos_token_id", self.clip.config.text_config.eos_token_id)
+        ids = input_ids.to(torch.int)
+        if eos == 2:
+            return ids.argmax(dim=-1)
+        return (ids == eos).int().argmax(dim=-1)
+
+    def text_layer_states(self, input_ids, attention_mask, layers):
+        """The EOS token of each hidden state (before final_layer_norm, which only the last one gets
+        in CLIP: final_layer_norm(last summary) is the pooler_output)."""
+        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        eos = self.eos_positions(input_ids).to(input_ids.device)
+        return [out.hidden_states[i][rows, eos] for i in layers]
+
+    def image_layer_states(self, pixel_values, layers):
+        """The CLS token of each hidden state (post_layernorm(last summary) is the pooler_output)."""
+        out = self.clip.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        return [out.hidden_states[i][:, 0] for i in layers]
 
     def peft_backbones(self, modalities):
         # Adapt only the towers that are encoded per batch: a LoRA on a tower whose features are

@@ -61,14 +61,79 @@ class TextImageFoundation(FoundationModel):
 
     def encode_text(self, input_ids, attention_mask):
         hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._pool_text(hidden, attention_mask)
+
+    def encode_image(self, pixel_values):
+        features = self.image_model.extract_features(pixel_values.contiguous(memory_format=torch.channels_last))
+        return features.mean(dim=(2, 3))
+
+    # --- per-layer summaries -------------------------------------------------------------------------
+
+    def _pool_text(self, hidden, attention_mask):
+        """``encode_text``'s pooling of one hidden state: CLS token, or mean over the attention mask."""
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def encode_image(self, pixel_values):
-        features = self.image_model.extract_features(pixel_values.contiguous(memory_format=torch.channels_last))
-        return features.mean(dim=(2, 3))
+    def image_stage_ends(self) -> list[int]:
+        """Index of the last block of each EfficientNet stage (the blocks built from one entry of the
+        model's blocks args). Each block keeps its stage's repeat count (``_block_args.num_repeat``,
+        after depth rounding and the lite variants' fixed stem/head stages), so walking the blocks
+        by those counts finds the boundaries of any variant."""
+        blocks = self.image_model._blocks
+        ends, start = [], 0
+        while start < len(blocks):
+            repeats = int(blocks[start]._block_args.num_repeat)
+            end = start + max(repeats, 1) - 1
+            if end >= len(blocks):
+                raise RuntimeError(f"EfficientNet stage starting at block {start} runs past the last block.")
+            ends.append(end)
+            start = end + 1
+        return ends
+
+    def layer_widths(self, modality):
+        if modality == "text":
+            config = self.text_model.config
+            return [config.hidden_size] * (config.num_hidden_layers + 1)
+        model = self.image_model
+        stages = [model._blocks[end]._block_args.output_filters for end in self.image_stage_ends()]
+        return [model._bn0.num_features, *stages, model._bn1.num_features]
+
+    def text_layer_states(self, input_ids, attention_mask, layers):
+        """``encode_text``'s pooling of each hidden state (embedding output + each layer)."""
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return [self._pool_text(out.hidden_states[i], attention_mask) for i in layers]
+
+    def image_layer_states(self, pixel_values, layers):
+        """Global average pools of the stem output, each stage's output and the head output, running
+        the network as ``extract_features`` does (the head's pool is ``encode_image``'s vector)."""
+        model = self.image_model
+        wanted = set(layers)
+        pooled = {}
+        x = model._swish(model._bn0(model._conv_stem(pixel_values.contiguous(memory_format=torch.channels_last))))
+        if 0 in wanted:
+            pooled[0] = x.mean(dim=(2, 3))
+        ends = self.image_stage_ends()
+        point_of = {end: point for point, end in enumerate(ends, start=1)}
+        last = max(wanted)
+        for idx, block in enumerate(model._blocks):
+            if last == 0:
+                break
+            drop_connect_rate = model._global_params.drop_connect_rate
+            if drop_connect_rate:
+                drop_connect_rate *= float(idx) / len(model._blocks)
+            x = block(x, drop_connect_rate=drop_connect_rate)
+            point = point_of.get(idx)
+            if point is not None and point in wanted:
+                pooled[point] = x.mean(dim=(2, 3))
+            if point is not None and point >= last:
+                break
+        head = len(ends) + 1
+        if head in wanted:
+            x = model._swish(model._bn1(model._conv_head(x)))
+            pooled[head] = x.mean(dim=(2, 3))
+        return [pooled[i] for i in layers]
 
     def peft_backbones(self, modalities):
         backbones = {}

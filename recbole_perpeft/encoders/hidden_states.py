@@ -1,0 +1,145 @@
+"""Per-layer summary vectors of a frozen encoder for every item, computed once and memory-mapped
+from an fp16 .npy cache: what side networks (IISAN, CROSSAN) read instead of running the
+foundation model during training.
+
+One file per (dataset items, modality source, encoder + preprocessing, layers): [n_items, sum(widths)]
+float16, the selected layers' summaries side by side; rows of items without the modality (and row 0,
+the padding item) are zeros. A JSON sidecar records the layers and widths."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from logging import getLogger
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from recbole_perpeft.encoders.base import FoundationModel, select_layers
+
+__all__ = ["LayerStates", "load_layer_states", "select_layers", "layer_states_path"]
+
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+class LayerStates:
+    """Memory-mapped per-layer summaries of every item: ``gather(items)`` -> one float32 tensor per layer."""
+
+    def __init__(self, array: np.ndarray, layers: list[int], widths: list[int], path: str | None = None):
+        if array.ndim != 2 or array.shape[1] != sum(widths) or len(layers) != len(widths):
+            raise ValueError(f"Layer states of shape {array.shape} do not match layers {layers} with widths {widths}.")
+        self.array = array
+        self.layers = list(layers)
+        self.widths = list(widths)
+        self.path = path
+
+    @property
+    def n_items(self) -> int:
+        return int(self.array.shape[0])
+
+    def gather(self, items: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of ``items`` (any shape): one float32 [*items.shape, width] tensor per layer, on the
+        items' device. Reads the rows in ascending order (memmap-friendly), then un-permutes."""
+        flat = items.reshape(-1).cpu().numpy()
+        rows = np.unique(flat)  # sorted, distinct
+        block = torch.from_numpy(np.ascontiguousarray(self.array[rows])).float()
+        order = torch.from_numpy(np.searchsorted(rows, flat))
+        block = block[order].to(items.device)
+        return [
+            part.reshape(*items.shape, width)
+            for part, width in zip(block.split(self.widths, dim=1), self.widths, strict=True)
+        ]
+
+
+def layer_states_path(store, foundation: FoundationModel, modality: str, layers: list[int]) -> str:
+    """Cache file (without extension) keyed on the dataset's items, the modality's source (titles or
+    image paths), the encoder's weights/preprocessing id and the layers."""
+    source = store.texts if modality == "text" else store.image_paths
+    return store._cache_file(f"layers-{modality}", source, foundation.cache_ids[modality], list(layers))
+
+
+def load_layer_states(
+    store,
+    foundation: FoundationModel,
+    modality: str,
+    layers: list[int],
+    encode_inputs: Callable[[torch.Tensor], dict],
+    present: torch.Tensor,
+    batch_size: int = 256,
+    show_progress: bool = False,
+) -> LayerStates:
+    """The ``layers`` summaries of ``modality`` for every item (``store``: an ItemModalityStore),
+    loaded memory-mapped from the cache, or computed (items with ``present[item]``, in batches of
+    ``encode_inputs(items)``) and cached first."""
+    logger = getLogger()
+    layers = foundation._check_layers(modality, layers)
+    widths = [foundation.layer_widths(modality)[i] for i in layers]
+    present = torch.as_tensor(present, dtype=torch.bool).cpu()
+    if present.shape != (store.n_items,):
+        raise ValueError(f"present must be a bool mask of shape [{store.n_items}], got {tuple(present.shape)}.")
+    base = layer_states_path(store, foundation, modality, layers)
+    array_file, meta_file = base + ".npy", base + ".json"
+
+    if os.path.isfile(array_file) and os.path.isfile(meta_file):
+        with open(meta_file) as f:
+            meta = json.load(f)
+        array = np.load(array_file, mmap_mode="r")
+        if (
+            meta.get("layers") == layers
+            and meta.get("widths") == widths
+            and array.dtype == np.float16
+            and array.shape == (store.n_items, sum(widths))
+        ):
+            logger.info(f"Layer states of item {modality} (layers {layers}) loaded from cache {array_file}")
+            return LayerStates(array, layers, widths, array_file)
+        del array
+        logger.warning(f"Layer-state cache {array_file} does not match layers {layers} / widths {widths}: rebuilding.")
+
+    start = time.perf_counter()
+    _build(store, foundation, modality, layers, widths, encode_inputs, present, batch_size, show_progress,
+           array_file, meta_file)  # fmt: skip
+    logger.info(
+        f"Layer states of item {modality} (layers {layers}, widths {widths}) built in "
+        f"{time.perf_counter() - start:.1f} s: {array_file}"
+    )
+    return LayerStates(np.load(array_file, mmap_mode="r"), layers, widths, array_file)
+
+
+def _build(store, foundation, modality, layers, widths, encode_inputs, present, batch_size, show_progress,
+           array_file, meta_file) -> None:  # fmt: skip
+    tag = f"{os.getpid()}.tmp"
+    tmp_array, tmp_meta = f"{array_file[:-4]}.{tag}.npy", f"{meta_file}.{tag}"
+    array = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=np.float16, shape=(store.n_items, sum(widths)))
+    try:
+        array[:] = 0
+        present = present.clone()
+        present[0] = False  # the padding item
+        items = torch.nonzero(present).flatten()
+        clamped = 0
+        chunks = items.split(max(int(batch_size), 1))
+        desc = f"Encoding item {modality} layer states (cached)"
+        with torch.inference_mode():
+            for chunk in tqdm(chunks, desc=desc, disable=not show_progress):
+                states = foundation.layer_states(modality, encode_inputs(chunk), layers)
+                values = torch.cat([s.float().reshape(len(chunk), -1) for s in states], dim=1).cpu()
+                if values.shape[1] != sum(widths):
+                    raise RuntimeError(f"Layer states of width {values.shape[1]}, expected {sum(widths)} ({widths}).")
+                clamped += int((values.abs() > FP16_MAX).sum())
+                array[chunk.numpy()] = values.clamp(-FP16_MAX, FP16_MAX).numpy().astype(np.float16)
+        if clamped:
+            getLogger().warning(f"{clamped} layer-state values of item {modality} exceed float16's range: clamped.")
+        array.flush()
+        del array
+        with open(tmp_meta, "w") as f:
+            json.dump({"modality": modality, "layers": layers, "widths": widths,
+                       "cache_id": foundation.cache_ids[modality], "dtype": "float16"}, f)  # fmt: skip
+        os.replace(tmp_meta, meta_file)
+        os.replace(tmp_array, array_file)  # last: the array's presence marks a complete cache
+    except BaseException:
+        for leftover in (tmp_array, tmp_meta):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
