@@ -2,11 +2,17 @@
 
 ``peft_type`` is any peft ``PeftType`` name (LORA, IA3, LOHA, ...) and ``peft_config`` the keyword
 arguments of its config class. Target modules default per backbone (below, from the paper); for
-other types peft's own per-architecture defaults apply, so a new peft method needs no code."""
+other types peft's own per-architecture defaults apply, so a new peft method needs no code. MODA is our
+own LoRA variant (``moda.py``), built through peft's custom-layer API."""
 
 from __future__ import annotations
 
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model
+
+from recbole_perpeft.adapters.moda import MoDAConfig
+
+# peft's methods plus ours; MoDAConfig is a LoraConfig, so peft itself knows it as LORA.
+CONFIG_CLASSES = {**PEFT_TYPE_TO_CONFIG_MAPPING, "MODA": MoDAConfig}
 
 # Paper: LoRA on the query/value projections, (IA)3 on key, value and the first feed-forward layer.
 DEFAULT_TARGETS = {
@@ -22,19 +28,20 @@ DEFAULT_TARGETS = {
         "clip": {"target_modules": ["k_proj", "v_proj", "fc1"], "feedforward_modules": ["fc1"]},
     },
 }
+DEFAULT_TARGETS["MODA"] = DEFAULT_TARGETS["LORA"]  # MoDA replaces LoRA on the same layers
 
 
 def build_peft_config(peft_type: str, model_type: str | None, overrides: dict | None = None):
     key = str(peft_type).upper()
-    if key not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    if key not in CONFIG_CLASSES:
         raise ValueError(
             f"peft_type '{peft_type}' is not a peft method; choose one of "
-            f"{', '.join(sorted(PEFT_TYPE_TO_CONFIG_MAPPING))} (or use the FrozenMM model for none)."
+            f"{', '.join(sorted(CONFIG_CLASSES))} (or use the FrozenMM model for none)."
         )
     kwargs = dict(DEFAULT_TARGETS.get(key, {}).get(model_type, {}))
     kwargs.update(overrides or {})
     try:
-        return PEFT_TYPE_TO_CONFIG_MAPPING[key](**kwargs)
+        return CONFIG_CLASSES[key](**kwargs)
     except TypeError as err:
         raise ValueError(f"peft_config does not fit peft's {key} config: {err}") from err
 
