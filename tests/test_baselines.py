@@ -401,6 +401,15 @@ def test_large_global_peft_is_about_as_large_as_perpeft(env, n_groups, caplog):
     assert env.config["peft_config"] is None and env.config["projector_hidden_size"] == 32  # config untouched
 
 
+def test_large_global_peft_scales_a_side_network_and_counts_perpeft_exactly(env):
+    large = build(env, "LargeGlobalPEFT", peft_type="IISAN", n_groups=2)
+    perpeft = build(env, "PerPEFT", load=False, peft_type="IISAN", n_groups=2)
+    assert large.scaled["side_adapter_size"] == (32, 64)
+    assert {m.down.out_features for m in large.item_tower.side.intra["text"]} == {64}
+    perpeft_total = trainable_parameters_by_component(perpeft)["total"]
+    assert large.parameter_comparison["perpeft_equivalent"] == perpeft_total
+
+
 # --- 5. one modality ---------------------------------------------------------------------------------------------
 
 

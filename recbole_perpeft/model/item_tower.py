@@ -1,10 +1,15 @@
-"""Item vectors from the foundation model: per-modality vectors (adapted, or frozen and cached),
-learned placeholders for missing modalities, and the MLP projector onto the recommender's width."""
+"""Item vectors from the foundation model, and the MLP projector onto the recommender's width.
+
+Two adapter families (``peft_type``): a peft method inside the foundation (LoRA, (IA)3, MoDA, ...):
+per-modality vectors, adapted (encoded per batch) or frozen (computed once, cached), with learned
+placeholders for missing modalities; or a side network (IISAN, CROSSAN) beside it, reading cached
+per-layer states, so the foundation never runs in training."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from logging import getLogger
 
 import numpy as np
@@ -12,9 +17,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from recbole_perpeft.adapters import attach_peft
+from recbole_perpeft.adapters import attach_peft, is_moda, set_condition
+from recbole_perpeft.adapters.side_network import build_side_network, is_side_network
 from recbole_perpeft.data.modality_store import ItemModalityStore
 from recbole_perpeft.encoders import build_foundation
+from recbole_perpeft.encoders.hidden_states import load_layer_states, select_layers
 
 
 class ItemTower(nn.Module):
@@ -26,18 +33,21 @@ class ItemTower(nn.Module):
         store = ItemModalityStore(config, dataset)
         self.foundation = build_foundation(config)
         self.modalities = self._available_modalities(config, store)
+        peft_type = str(config["peft_type"]).upper()
+        uses_side_network = adapt and is_side_network(peft_type)
         adapted = [m for m in self.modalities if m == "text" or config["adapt_image_tower"]] if adapt else []
-        self.adapted = adapted
+        self.adapted = [] if uses_side_network else adapted
         # Handles to the peft wrappers (add/switch named adapters); not registered as sub-modules,
         # the adapted layers already live inside self.foundation.
-        peft_kwargs = {}
-        if adapted:
-            peft_kwargs = dict((config["peft_defaults"] or {}).get(str(config["peft_type"]).upper()) or {})
-            peft_kwargs.update(config["peft_config"] or {})
+        peft_kwargs = dict((config["peft_defaults"] or {}).get(peft_type) or {})
+        peft_kwargs.update(config["peft_config"] or {})
+        if peft_type == "MODA":  # MoDA's gate condition: the modality the layer is encoding
+            peft_kwargs.setdefault("n_conditions", len(self.foundation.modalities))
         self.peft_models = [
-            attach_peft(module, config["peft_type"], peft_kwargs)
-            for module in self.foundation.peft_backbones(adapted).values()
+            attach_peft(module, peft_type, peft_kwargs)
+            for module in self.foundation.peft_backbones(self.adapted).values()
         ]
+        self.moda = any(is_moda(handle) for handle in self.peft_models)
 
         self._pixels = None
         self.n_groups = 0
@@ -56,12 +66,18 @@ class ItemTower(nn.Module):
                 missing = store.n_items - 1 - int(has_image.sum())
                 if missing:
                     self.logger.warning(f"{missing} of {store.n_items - 1} items have no usable image: placeholder.")
-        for m in self.modalities:
-            if m not in adapted:
-                self.register_buffer(f"features_{m}", self._frozen_features(m, store), persistent=False)
-
-        dims = {m: self.foundation.out_dims[m] for m in self.modalities}
-        self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m, d in dims.items()})
+        self.side = None
+        if uses_side_network:
+            self.layer_states = self._layer_states(config, store)
+            self.side = build_side_network(peft_type, {m: s.widths for m, s in self.layer_states.items()}, config)
+            dims = self.side.out_dims
+            self.placeholders = nn.ParameterDict()  # the side network has its own, per block
+        else:
+            for m in self.modalities:
+                if m not in self.adapted:
+                    self.register_buffer(f"features_{m}", self._frozen_features(m, store), persistent=False)
+            dims = {m: self.foundation.out_dims[m] for m in self.modalities}
+            self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m, d in dims.items()})
         hidden, width = config["hidden_size"], config["projector_hidden_size"] or config["hidden_size"]
         self.projector = nn.ModuleDict(
             {
@@ -101,7 +117,30 @@ class ItemTower(nn.Module):
         return {"pixels": pixels[order].to(self.has_image.device)}
 
     def _encode(self, modality: str, items: torch.Tensor) -> torch.Tensor:
+        if self.moda:
+            set_condition(self.foundation, self.foundation.modalities.index(modality))
         return self.foundation.encode(modality, self._inputs(modality, items))
+
+    def _layer_states(self, config, store: ItemModalityStore) -> dict:
+        """Each modality's selected per-layer states for every item, from the on-disk cache (built
+        once, with a progress bar). ``side_layers``: None (every ``side_layer_stride``-th hidden
+        state, the last included), a list of hidden-state indices, or such a list per modality."""
+        spec = config["side_layers"]
+        states = {}
+        for m in self.modalities:
+            layers = select_layers(
+                self.foundation.num_layer_states(m),
+                spec.get(m) if isinstance(spec, dict) else spec,
+                config["side_layer_stride"] or 2,
+            )
+            states[m] = load_layer_states(
+                store, self.foundation, m, layers,
+                encode_inputs=lambda items, m=m: self._inputs(m, items),
+                present=getattr(self, f"has_{m}"),
+                batch_size=self.encode_batch_size,
+                show_progress=self.show_progress,
+            )
+        return states
 
     def _frozen_features(self, modality: str, store: ItemModalityStore) -> torch.Tensor:
         """The frozen encoder's vector for every item, computed once and cached on disk."""
@@ -134,11 +173,31 @@ class ItemTower(nn.Module):
             vectors = vectors.index_put((torch.nonzero(has).flatten(),), self._encode(modality, present).float())
         return vectors
 
+    def encode(self, items: torch.Tensor) -> tuple[dict, dict]:
+        """[U] item ids -> (the named vectors the projector concatenates, one vector per modality)."""
+        if self.side is None:
+            vectors = {m: self.modality_vector(m, items) for m in self.modalities}
+            return vectors, vectors
+        side = self.side if self.active_group is None else self.group_sides[self.active_group]
+        states = {m: self.layer_states[m].gather(items) for m in self.modalities}
+        return side(states, {m: getattr(self, f"has_{m}")[items] for m in self.modalities})
+
+    def project(self, parts: dict) -> torch.Tensor:
+        projector = self.projector if self.active_group is None else self.group_projectors[self.active_group]
+        return projector["mlp"](torch.cat([projector["norms"][k](v) for k, v in parts.items()], dim=-1))
+
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """[U] item ids -> [U, hidden_size]; callers pass distinct ids so each item is encoded once."""
-        projector = self.projector if self.active_group is None else self.group_projectors[self.active_group]
-        parts = [projector["norms"][m](self.modality_vector(m, items)) for m in self.modalities]
-        return projector["mlp"](torch.cat(parts, dim=-1))
+        return self.project(self.encode(items)[0])
+
+    def present(self, items: torch.Tensor) -> torch.Tensor:
+        """[U] bool: the items that have every modality (for cross-modal losses)."""
+        masks = [getattr(self, f"has_{m}")[items] for m in self.modalities]
+        return torch.stack(masks).all(0)
+
+    def adapter_module(self) -> nn.Module:
+        """What holds the trainable adapter: the side network, or the foundation (peft inside)."""
+        return self.foundation if self.side is None else self.side
 
     # --- per-group adapters and projectors (PerPEFT) ---------------------------------------------------
 
@@ -165,24 +224,46 @@ class ItemTower(nn.Module):
         }
 
     def add_groups(self, n_groups: int) -> None:
-        """One adapter (peft named adapter) and one projector per group, each a copy of the global
-        ones (paper §3.3.3); the global adapter, projector and placeholders stay, frozen, for the global path."""
-        global_adapter = self.adapter_parameters(self.GLOBAL_ADAPTER)
+        """One adapter (peft named adapter, or side network copy) and one projector per group, each
+        a copy of the global ones (paper §3.3.3); the global adapter, projector and placeholders stay,
+        frozen, for the global path. MoDA's named adapters hold only a gate: the expert pool stays
+        the global adapter's, shared by the groups and frozen (groups mix it differently)."""
+        if self.side is not None:
+            self.group_sides = nn.ModuleList(copy.deepcopy(self.side) for _ in range(n_groups))
+            self.side.requires_grad_(False)
         for group in range(n_groups):
-            name = self.group_adapter(group)
             for handle in self.peft_models:
-                handle.add_adapter(name, handle.peft_config[self.GLOBAL_ADAPTER])
-            copies = self.adapter_parameters(name)
-            with torch.no_grad():
-                for key, param in global_adapter.items():
-                    copies[key.replace(f".{self.GLOBAL_ADAPTER}", f".{name}")].copy_(param)
+                handle.add_adapter(self.group_adapter(group), handle.peft_config[self.GLOBAL_ADAPTER])
         self.group_projectors = nn.ModuleList(copy.deepcopy(self.projector) for _ in range(n_groups))
         self.projector.requires_grad_(False)
         # The placeholders stay shared and trainable; the global path gets a frozen copy, so that it
         # stays the stage-1 model that the groups were fitted on.
         self.global_placeholders = copy.deepcopy(self.placeholders).requires_grad_(False)
         self.n_groups = n_groups
+        self.copy_global_to_groups()
         self.activate(None)
+
+    def _global_key(self, key: str, adapter: str) -> str:
+        return re.sub(rf"\.{adapter}(\.|$)", rf".{self.GLOBAL_ADAPTER}\1", key)
+
+    @torch.no_grad()
+    def copy_global_to_groups(self) -> None:
+        """Every group's adapter and projector := the global ones; the global path's placeholders :=
+        the shared ones (after loading a stage-1 state)."""
+        global_adapter = self.adapter_parameters(self.GLOBAL_ADAPTER)
+        for group in range(self.n_groups):
+            name = self.group_adapter(group)
+            for key, param in self.adapter_parameters(name).items():
+                param.copy_(global_adapter[self._global_key(key, name)])
+            if self.side is not None:
+                self.group_sides[group].load_state_dict(self.side.state_dict())
+            self.group_projectors[group].load_state_dict(self.projector.state_dict())
+        self.global_placeholders.load_state_dict(self.placeholders.state_dict())
+
+    def group_adapter_parameters(self, group: int) -> list[nn.Parameter]:
+        if self.side is not None:
+            return list(self.group_sides[group].parameters())
+        return list(self.adapter_parameters(self.group_adapter(group)).values())
 
     def activate(self, group: int | None) -> None:
         """Route items through one group's adapter and projector (None: the global ones).

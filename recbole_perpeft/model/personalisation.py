@@ -21,7 +21,6 @@ from __future__ import annotations
 from logging import getLogger
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
@@ -102,17 +101,18 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
         return self.gather_indexes(output, self.user_positions(item_seq_len))
 
     def calculate_loss(self, interaction):
-        """Eq. 1 at every position the encoder outputs for a target (see :meth:`align`)."""
+        """GlobalPEFT's loss (Eq. 1, or loss_type) at every position the encoder outputs for a target
+        (see :meth:`align`), plus the cross-modal alignment loss when cmsa_weight > 0."""
         seq, pos, neg = interaction[self.ITEM_SEQ], interaction[TARGET_LIST], interaction[NEG_LIST]
         lengths = interaction[self.ITEM_SEQ_LEN]
         items, inverse = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
-        emb = self.item_vectors(items)[inverse]  # [3, B, L, H]
+        vectors, alignment = self.item_vectors_and_alignment(items)
+        emb = vectors[inverse]  # [3, B, L, H]
         personal = self.personal_vectors(interaction[self.USER_ID])
         output = self.encode_personalised(emb[0], seq, lengths, personal)
-        pos_logits = (output * self.align(emb[1], lengths)).sum(-1)
-        neg_logits = (output * self.align(emb[2], lengths)).sum(-1)
-        mask = self.align(pos, lengths) > 0
-        return (F.softplus(-pos_logits) + F.softplus(neg_logits))[mask].mean()
+        pos_emb, neg_emb = self.align(emb[1], lengths), self.align(emb[2], lengths)
+        loss = self.recommendation_loss(output, pos_emb, neg_emb, self.align(pos, lengths), items, vectors)
+        return loss + self.cmsa_weight * alignment
 
     def predict(self, interaction):
         user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.USER_ID])

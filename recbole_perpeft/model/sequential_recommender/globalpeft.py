@@ -1,7 +1,9 @@
 """Global PEFT (paper §3.1): one PEFT module for all users.
 
-item vector = ID embedding + projector([modality vectors of the PEFT-attached foundation model]);
-SASRec over the sequence; binary cross-entropy with one sampled negative at every position (Eq. 1)."""
+item vector = ID embedding + projector([modality vectors of the PEFT-attached foundation model, or
+a side network's outputs]); SASRec over the sequence; binary cross-entropy with one sampled negative
+at every position (Eq. 1), or (``loss_type: INBATCH``) IISAN/CROSSAN's in-batch cross-entropy with
+popularity correction. ``cmsa_weight`` > 0 adds SDA's cross-modal alignment loss on the batch's items."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from tqdm import tqdm
 
 from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
 from recbole_perpeft.model.item_tower import ItemTower
+from recbole_perpeft.model.losses import CrossModalAlignment, inbatch_popularity_ce, item_log_popularity
 from recbole_perpeft.model.sequence_encoder import SASRecEncoder
 
 FOUNDATION_PREFIX = "item_tower.foundation."
+LOSS_TYPES = ("BCE", "INBATCH")
 
 
 class GlobalPEFT(SequentialRecommender):
@@ -36,6 +40,30 @@ class GlobalPEFT(SequentialRecommender):
             self.item_id_embedding.weight[0].zero_()
         self.item_tower = ItemTower(config, dataset, adapt=self.adapt_foundation)
         self._item_table = None
+        self.loss_type = str(config["loss_type"] or "BCE").upper()
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"{type(self).__name__}: loss_type must be one of {', '.join(LOSS_TYPES)}, got "
+                             f"{config['loss_type']!r} (BCE: Eq. 1 with a sampled negative; INBATCH: in-batch "
+                             "cross-entropy with popularity correction).")
+        if self.loss_type == "INBATCH":
+            counts = torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items).float()
+            log_pop = item_log_popularity(counts) if config["popularity_correction"] else torch.zeros(self.n_items)
+            self.register_buffer("log_popularity", log_pop, persistent=False)
+        self.cmsa_weight = float(config["cmsa_weight"] or 0.0)
+        self.alignment = self._build_alignment(config) if self.cmsa_weight > 0 else None
+
+    def _build_alignment(self, config) -> CrossModalAlignment:
+        tower = self.item_tower
+        if len(tower.modalities) != 2:
+            raise ValueError(f"cmsa_weight > 0 aligns two modalities; this run has {tower.modalities}. "
+                             "Give the items titles and images (image_dir), or set cmsa_weight: 0.")
+        widths = tower.foundation.out_dims if tower.side is None else tower.side.width
+        return CrossModalAlignment(
+            {m: widths[m] for m in tower.modalities},
+            align_dim=config["cmsa_dim"] or 64,
+            temperature=config["cmsa_temperature"] or 0.07,
+            variant=config["cmsa_variant"] or "cmsa",
+        )
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -50,6 +78,16 @@ class GlobalPEFT(SequentialRecommender):
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_id_embedding(items) + self.item_tower(items)
+
+    def item_vectors_and_alignment(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Item vectors of distinct ``items``, and the cross-modal alignment loss over those that have
+        both modalities (0 when cmsa_weight is 0)."""
+        parts, per_modality = self.item_tower.encode(items)
+        vectors = self.item_id_embedding(items) + self.item_tower.project(parts)
+        if self.alignment is None:
+            return vectors, 0.0
+        both = self.item_tower.present(items)
+        return vectors, self.alignment({m: v[both] for m, v in per_modality.items()})
 
     def item_table(self) -> torch.Tensor:
         """Every item's vector, computed once per evaluation (batched, no grad) and reused until
@@ -84,11 +122,21 @@ class GlobalPEFT(SequentialRecommender):
         seq, pos, neg = interaction[self.ITEM_SEQ], interaction[TARGET_LIST], interaction[NEG_LIST]
         # Each distinct item of the batch goes through the foundation model once.
         items, inverse = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
-        emb = self.item_vectors(items)[inverse]  # [3, B, L, H]
+        vectors, alignment = self.item_vectors_and_alignment(items)
+        emb = vectors[inverse]  # [3, B, L, H]
         output = self.encode_sequences(emb[0], seq)
-        pos_logits = (output * emb[1]).sum(-1)
-        neg_logits = (output * emb[2]).sum(-1)
+        return self.recommendation_loss(output, emb[1], emb[2], pos, items, vectors) + self.cmsa_weight * alignment
+
+    def recommendation_loss(self, output, pos_emb, neg_emb, pos, items, vectors) -> torch.Tensor:
+        """``loss_type`` at every position with a target (``pos`` > 0): ``output`` the encoder's states,
+        ``pos_emb``/``neg_emb`` the target's and the sampled negative's vectors, ``items``/``vectors``
+        the batch's distinct items (the in-batch candidates)."""
         mask = pos > 0
+        if self.loss_type == "INBATCH":
+            real = items > 0  # padding (id 0) is no candidate
+            return inbatch_popularity_ce(output[mask], pos[mask], vectors[real], items[real], self.log_popularity)
+        pos_logits = (output * pos_emb).sum(-1)
+        neg_logits = (output * neg_emb).sum(-1)
         # Eq. 1: -log σ(pos) - log(1 - σ(neg)) at every real position.
         return (F.softplus(-pos_logits) + F.softplus(neg_logits))[mask].mean()
 
@@ -104,12 +152,15 @@ class GlobalPEFT(SequentialRecommender):
     # --- accounting and checkpoints --------------------------------------------------------------------
 
     def parameter_components(self) -> dict:
+        tower = self.item_tower
         return {
-            "peft_adapter": self.item_tower.foundation,  # only the adapter's parameters are trainable
-            "projector": self.item_tower.projector,
-            "missing_modality_placeholders": self.item_tower.placeholders,
+            # peft: only the adapter's parameters of the foundation are trainable
+            "peft_adapter" if tower.side is None else "side_network": tower.adapter_module(),
+            "projector": tower.projector,
+            "missing_modality_placeholders": tower.placeholders,
             "item_id_embedding": self.item_id_embedding,
             "sequence_encoder": self.sequence_encoder,
+            "cmsa_heads": self.alignment or 0,
         }
 
     def foundation_parameter_count(self) -> int:

@@ -21,8 +21,8 @@ from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
 class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: grouped = True, two-stage YAML keys
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        if not self.item_tower.peft_models:
-            raise ValueError("PerPEFT needs a PEFT module to personalise: set peft_type (e.g. LORA or IA3).")
+        if not self.item_tower.peft_models and self.item_tower.side is None:
+            raise ValueError("PerPEFT needs a PEFT module to personalise: set peft_type (e.g. LORA, IA3, IISAN).")
         n_groups = config["n_groups"]
         self.item_tower.add_groups(n_groups)
         self.register_buffer("group_of_user", torch.full((dataset.user_num,), -1, dtype=torch.long))
@@ -43,14 +43,7 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: grouped = True, 
         with torch.no_grad():
             self.global_item_id_embedding.load_state_dict(self.item_id_embedding.state_dict())
             self.global_sequence_encoder.load_state_dict(self.sequence_encoder.state_dict())
-            self.item_tower.global_placeholders.load_state_dict(self.item_tower.placeholders.state_dict())
-            for projector in self.item_tower.group_projectors:
-                projector.load_state_dict(self.item_tower.projector.state_dict())
-            global_adapter = self.item_tower.adapter_parameters(self.item_tower.GLOBAL_ADAPTER)
-            for group in range(self.item_tower.n_groups):
-                name = self.item_tower.group_adapter(group)
-                for key, param in self.item_tower.adapter_parameters(name).items():
-                    param.copy_(global_adapter[key.replace(f".{name}", f".{self.item_tower.GLOBAL_ADAPTER}")])
+        self.item_tower.copy_global_to_groups()
         self._group_tables = {}
         self.set_groups(groups)
 
@@ -161,13 +154,12 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: grouped = True, 
 
     def parameter_components(self) -> dict:
         tower = self.item_tower
-        group_adapters = sum(
-            p.numel() for g in range(tower.n_groups) for p in tower.adapter_parameters(tower.group_adapter(g)).values()
-        )
+        group_adapters = sum(p.numel() for g in range(tower.n_groups) for p in tower.group_adapter_parameters(g))
         return {
-            "group_specific/peft_adapters": group_adapters,
+            "group_specific/side_networks" if tower.side else "group_specific/peft_adapters": group_adapters,
             "group_specific/projectors": tower.group_projectors,
             "global/item_id_embedding": self.item_id_embedding,
             "global/sequence_encoder": self.sequence_encoder,
             "global/missing_modality_placeholders": tower.placeholders,
+            "global/cmsa_heads": self.alignment or 0,
         }
