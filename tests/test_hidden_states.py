@@ -243,6 +243,35 @@ def test_layer_state_cache_built_once_then_memory_mapped(clip, tmp_path, monkeyp
     assert grid[1].shape == (2, 3, 32) and torch.equal(grid[1].view(6, 32), got[1])
 
 
+def test_interrupted_cache_build_resumes_where_it_stopped(clip, tmp_path, monkeypatch, caplog):
+    store = make_store(tmp_path / "cache")
+    present = torch.ones(store.n_items, dtype=torch.bool)  # items 1..5 (0 is padding)
+    encode_inputs = text_inputs(clip, store)
+    inner = clip.layer_states
+
+    def interrupted(modality, inputs, layers, calls=[]):  # noqa: B006 - counts across calls
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return inner(modality, inputs, layers)
+
+    monkeypatch.setattr(clip, "layer_states", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_layer_states(store, clip, "text", [0, 2], encode_inputs, present, batch_size=2)
+    assert not glob.glob(os.path.join(store.cache_dir, "layers-text-*[0-9a-f].npy"))  # nothing final yet
+    counting = Counting(clip)
+    counting.inner = inner
+    monkeypatch.setattr(clip, "layer_states", counting)
+    with caplog.at_level(logging.INFO):
+        resumed = load_layer_states(store, clip, "text", [0, 2], encode_inputs, present, batch_size=2)
+    assert "4 of 5 items already encoded" in caplog.text
+    assert counting.calls == 1  # only the last item was left
+    assert not glob.glob(os.path.join(store.cache_dir, "*partial*"))
+    fresh = load_layer_states(make_store(tmp_path / "fresh"), clip, "text", [0, 2], encode_inputs, present)
+    for a, b in zip(resumed.gather(torch.arange(6)), fresh.gather(torch.arange(6)), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_layer_state_cache_key_covers_layers_and_encoder(clip, tmp_path, monkeypatch):
     store = make_store(tmp_path / "cache")
     present = torch.ones(store.n_items, dtype=torch.bool)

@@ -4,10 +4,12 @@ foundation model during training.
 
 One file per (dataset items, modality source, encoder + preprocessing, layers): [n_items, sum(widths)]
 float16, the selected layers' summaries side by side; rows of items without the modality (and row 0,
-the padding item) are zeros. A JSON sidecar records the layers and widths."""
+the padding item) are zeros. A JSON sidecar records the layers and widths. The build records its
+progress after every batch, so an interrupted one (Ctrl-C, a crash) resumes where it stopped."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -110,36 +112,62 @@ def load_layer_states(
 
 def _build(store, foundation, modality, layers, widths, encode_inputs, present, batch_size, show_progress,
            array_file, meta_file) -> None:  # fmt: skip
-    tag = f"{os.getpid()}.tmp"
-    tmp_array, tmp_meta = f"{array_file[:-4]}.{tag}.npy", f"{meta_file}.{tag}"
-    array = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=np.float16, shape=(store.n_items, sum(widths)))
-    try:
+    """Encode the present items in id order into ``<base>.partial.npy``, recording after each batch how
+    many are done (``<base>.partial.json``), so an interrupted build resumes where it stopped; the
+    finished file is renamed into place last."""
+    base = array_file[: -len(".npy")]
+    partial_array, partial_meta = base + ".partial.npy", base + ".partial.json"
+    present = present.clone()
+    present[0] = False  # the padding item
+    items = torch.nonzero(present).flatten()
+    # Which items are encoded, and in which order, must match for a resumed build.
+    order = hashlib.sha1(items.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+    meta = {"modality": modality, "layers": layers, "widths": widths, "cache_id": foundation.cache_ids[modality],
+            "dtype": "float16", "n_items": store.n_items, "items": order}  # fmt: skip
+    done = _resumable(partial_array, partial_meta, meta)
+    if done:
+        array = np.load(partial_array, mmap_mode="r+")
+        getLogger().info(f"Resuming the layer states of item {modality}: {done} of {len(items)} items already encoded.")
+    else:
+        array = np.lib.format.open_memmap(partial_array, mode="w+", dtype=np.float16,
+                                          shape=(store.n_items, sum(widths)))  # fmt: skip
         array[:] = 0
-        present = present.clone()
-        present[0] = False  # the padding item
-        items = torch.nonzero(present).flatten()
-        clamped = 0
-        chunks = items.split(max(int(batch_size), 1))
-        desc = f"Encoding item {modality} layer states (cached)"
-        with torch.inference_mode():
-            for chunk in tqdm(chunks, desc=desc, disable=not show_progress):
-                states = foundation.layer_states(modality, encode_inputs(chunk), layers)
-                values = torch.cat([s.float().reshape(len(chunk), -1) for s in states], dim=1).cpu()
-                if values.shape[1] != sum(widths):
-                    raise RuntimeError(f"Layer states of width {values.shape[1]}, expected {sum(widths)} ({widths}).")
-                clamped += int((values.abs() > FP16_MAX).sum())
-                array[chunk.numpy()] = values.clamp(-FP16_MAX, FP16_MAX).numpy().astype(np.float16)
-        if clamped:
-            getLogger().warning(f"{clamped} layer-state values of item {modality} exceed float16's range: clamped.")
-        array.flush()
-        del array
-        with open(tmp_meta, "w") as f:
-            json.dump({"modality": modality, "layers": layers, "widths": widths,
-                       "cache_id": foundation.cache_ids[modality], "dtype": "float16"}, f)  # fmt: skip
-        os.replace(tmp_meta, meta_file)
-        os.replace(tmp_array, array_file)  # last: the array's presence marks a complete cache
-    except BaseException:
-        for leftover in (tmp_array, tmp_meta):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-        raise
+    clamped = 0
+    chunks = items[done:].split(max(int(batch_size), 1))
+    desc = f"Encoding item {modality} layer states (cached)"
+    with torch.inference_mode():
+        for chunk in tqdm(chunks, desc=desc, disable=not show_progress):
+            states = foundation.layer_states(modality, encode_inputs(chunk), layers)
+            values = torch.cat([s.float().reshape(len(chunk), -1) for s in states], dim=1).cpu()
+            if values.shape[1] != sum(widths):
+                raise RuntimeError(f"Layer states of width {values.shape[1]}, expected {sum(widths)} ({widths}).")
+            clamped += int((values.abs() > FP16_MAX).sum())
+            array[chunk.numpy()] = values.clamp(-FP16_MAX, FP16_MAX).numpy().astype(np.float16)
+            array.flush()
+            done += len(chunk)
+            _write_json(partial_meta, {**meta, "done_items": done})
+    if clamped:
+        getLogger().warning(f"{clamped} layer-state values of item {modality} exceed float16's range: clamped.")
+    del array
+    _write_json(meta_file, meta)
+    os.replace(partial_array, array_file)  # last: the array's presence marks a complete cache
+    os.remove(partial_meta)
+
+
+def _resumable(partial_array: str, partial_meta: str, meta: dict) -> int:
+    """Items already encoded by an interrupted build with the same settings (0: start afresh)."""
+    if not (os.path.isfile(partial_array) and os.path.isfile(partial_meta)):
+        return 0
+    try:
+        with open(partial_meta) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    done = recorded.pop("done_items", 0)
+    return int(done) if recorded == meta else 0
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f)
+    os.replace(path + ".tmp", path)
