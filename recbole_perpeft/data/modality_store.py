@@ -22,6 +22,15 @@ def cache_key(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def gather_rows(array: np.ndarray, items: torch.Tensor) -> torch.Tensor:
+    """Rows ``items`` (any shape, flattened) of a memory-mapped array, in the items' order: each
+    distinct row is read once, in ascending order (what a memmap reads fastest), then un-permuted."""
+    flat = items.reshape(-1).cpu().numpy()
+    rows = np.unique(flat)
+    block = torch.from_numpy(np.ascontiguousarray(array[rows]))
+    return block[torch.from_numpy(np.searchsorted(rows, flat))]
+
+
 def load_image(path: str, size: int) -> np.ndarray:
     """RGB, shorter side resized to ``size`` (bicubic), centre-cropped: uint8 [3, size, size]."""
     with Image.open(path) as img:

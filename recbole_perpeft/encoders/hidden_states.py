@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_perpeft.data.modality_store import gather_rows
 from recbole_perpeft.encoders.base import FoundationModel, select_layers
 
 __all__ = ["LayerStates", "load_layer_states", "select_layers", "layer_states_path"]
@@ -44,12 +45,8 @@ class LayerStates:
 
     def gather(self, items: torch.Tensor) -> list[torch.Tensor]:
         """Rows of ``items`` (any shape): one float32 [*items.shape, width] tensor per layer, on the
-        items' device. Reads the rows in ascending order (memmap-friendly), then un-permutes."""
-        flat = items.reshape(-1).cpu().numpy()
-        rows = np.unique(flat)  # sorted, distinct
-        block = torch.from_numpy(np.ascontiguousarray(self.array[rows])).float()
-        order = torch.from_numpy(np.searchsorted(rows, flat))
-        block = block[order].to(items.device)
+        items' device."""
+        block = gather_rows(self.array, items).float().to(items.device)
         return [
             part.reshape(*items.shape, width)
             for part, width in zip(block.split(self.widths, dim=1), self.widths, strict=True)

@@ -12,14 +12,13 @@ import os
 import re
 from logging import getLogger
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from recbole_perpeft.adapters import attach_peft, is_moda, set_condition
 from recbole_perpeft.adapters.side_network import build_side_network, is_side_network
-from recbole_perpeft.data.modality_store import ItemModalityStore
+from recbole_perpeft.data.modality_store import ItemModalityStore, gather_rows
 from recbole_perpeft.encoders import build_foundation
 from recbole_perpeft.encoders.hidden_states import load_layer_states, select_layers
 
@@ -111,10 +110,7 @@ class ItemTower(nn.Module):
             mask = self.attention_mask[items]
             length = max(int(mask.sum(1).max()), 1)  # trim the padding this batch does not need
             return {"input_ids": self.input_ids[items, :length], "attention_mask": mask[:, :length]}
-        rows = np.sort(items.cpu().numpy())
-        pixels = torch.from_numpy(np.ascontiguousarray(self._pixels[rows]))
-        order = torch.from_numpy(np.searchsorted(rows, items.cpu().numpy()))
-        return {"pixels": pixels[order].to(self.has_image.device)}
+        return {"pixels": gather_rows(self._pixels, items).to(self.has_image.device)}
 
     def _encode(self, modality: str, items: torch.Tensor) -> torch.Tensor:
         if self.moda:
