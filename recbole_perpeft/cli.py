@@ -1,0 +1,86 @@
+"""Train and evaluate a model, RecBole style; or compare models over seeds.
+
+    python run_recbole_perpeft.py --model=GlobalPEFT --dataset=ml-100k [--config_files=a.yaml,b.yaml]
+        [--result_file=r.json] [--resume=saved/X.pth] [--key=value ...]
+
+``--model`` is one of ours (GlobalPEFT, FrozenMM, PerPEFT) or any model RecBole ships (SASRec, BERT4Rec, ...).
+Every other ``--key=value`` overrides a YAML key (e.g. ``--epochs=1 --user_sample_ratio=0.2``).
+
+Comparison (paper Table 2 style; see recbole_perpeft/compare.py):
+
+    python run_recbole_perpeft.py --model=SASRec,FrozenMM,GlobalPEFT,PerPEFT --dataset=ml-100k --seeds=3
+        [--result_file=table.json] [--ttest=PerPEFT] [--config_files=...] [--key=value ...]
+
+A comma in ``--model``, or ``--seeds`` or ``--ttest``, makes a comparison: every model is trained with every
+seed (``--seeds=N``: the config's seed and the N-1 after it; ``--seeds=1,5,9``: those; default 1), each run's
+result JSON goes to ``table.runs/<model>-seed<s>.json`` (and is reused when the command is run again), and
+``table.json`` / ``table.md`` get mean (std) per model and metric and paired t-tests against ``--ttest``
+(default: the last model). Two-stage models of one seed share one stage-1 GlobalPEFT."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv):
+    # allow_abbrev=False: `--seed=7` is a config override, not an abbreviation of --seeds.
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--model", "-m", default="GlobalPEFT", help="a model, or comma-separated models to compare")
+    parser.add_argument("--dataset", "-d", default="ml-100k")
+    parser.add_argument("--config_files", default=None, help="comma- or space-separated YAML files")
+    parser.add_argument("--result_file", default=None, help="write the result JSON here")
+    parser.add_argument("--resume", default=None, help="a checkpoint written by an earlier run")
+    parser.add_argument("--seeds", default=None, help="compare over seeds: a count (3) or a list (1,2,3)")
+    parser.add_argument("--ttest", default=None, help="compare: the reference model of the paired t-tests")
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for arg in rest:
+        key, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not key or not sep:
+            parser.error(f"unrecognised argument '{arg}': config overrides are written --key=value")
+        overrides[key] = value
+    files = args.config_files.replace(",", " ").split() if args.config_files else None
+    return args, files, overrides
+
+
+def is_comparison(args) -> bool:
+    return "," in args.model or args.seeds is not None or args.ttest is not None
+
+
+def main(argv=None):
+    args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if is_comparison(args):
+            run_comparison(args, files, overrides)
+        else:
+            from recbole_perpeft.quick_start import run
+
+            run(args.model, args.dataset, config_file_list=files, config_dict=overrides,
+                result_file=args.result_file, resume=args.resume)  # fmt: skip
+    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+        sys.exit(f"error: {err}")
+
+
+def run_comparison(args, files, overrides):
+    from recbole_perpeft.compare import DEFAULT_SEEDS, compare, parse_seeds
+
+    if args.resume:
+        raise ValueError(
+            "--resume continues a single run; a comparison continues by itself when run again "
+            "(it reuses the per-run result JSONs it finds)."
+        )
+    compare(
+        args.model,
+        args.dataset,
+        seeds=parse_seeds(args.seeds) if args.seeds is not None else DEFAULT_SEEDS,
+        config_file_list=files,
+        overrides=overrides,
+        result_file=args.result_file,
+        reference=args.ttest,
+    )
+
+if __name__ == "__main__":
+    main()
