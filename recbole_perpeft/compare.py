@@ -5,7 +5,7 @@
 
 Every model is trained with every seed through :func:`recbole_perpeft.quick_start.run`, with the same
 ``--config_files`` and ``--key=value`` overrides plus ``seed``. ``--seeds=N`` runs seeds ``seed, seed+1, ...,
-seed+N-1`` from the config's ``seed`` (2024 in properties/overall.yaml); ``--seeds=1,5,9`` names them.
+seed+N-1`` from the config's ``seed`` (2024 in recbole_perpeft/properties/overall.yaml); ``--seeds=1,5,9`` names them.
 Runs go seed by seed, the models of a seed in the given order.
 
 - Each run writes its own result JSON to ``<stem>.runs/<model>-seed<s>.json`` beside the result file. A run

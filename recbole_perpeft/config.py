@@ -15,7 +15,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole_perpeft.compat import check_environment
 from recbole_perpeft.utils import get_model
 
-PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
+PROPERTIES_DIR = Path(__file__).resolve().parent / "properties"  # package data (setup.cfg)
 MODALITIES = ("text", "image")
 
 
@@ -48,8 +48,8 @@ class Config(RecBoleConfig):
         super()._load_internal_config_dict(model, model_class, dataset)
         if not PROPERTIES_DIR.is_dir():
             raise FileNotFoundError(
-                f"recbole_perpeft's property files are not at {PROPERTIES_DIR}; install the project "
-                "with `pip install -e .` from its root so the properties/ folder stays beside the package."
+                f"recbole_perpeft's property files are not at {PROPERTIES_DIR}: they ship as package data "
+                "(recbole_perpeft/properties/); reinstall the package (`pip install .` or `pip install -e .`)."
             )
         # A model's YAML extends its parents' (FrozenMM.yaml only says what differs from GlobalPEFT.yaml).
         lineage = [c.__name__ for c in reversed(model_class.__mro__) if c.__module__.startswith("recbole_perpeft")]

@@ -49,7 +49,7 @@ def test_config_seed_from_override_files_or_properties(tmp_path):
     assert cmp.config_seed("SASRec", "anything", None, {"seed": "11"}) == 11
     keys = make_atomic_dataset(tmp_path / "data", "seedds", with_images=False)
     keys.pop("image_dir")
-    assert cmp.config_seed("SASRec", "seedds", None, keys) == 2024  # properties/overall.yaml
+    assert cmp.config_seed("SASRec", "seedds", None, keys) == 2024  # recbole_perpeft/properties/overall.yaml
     config_file = tmp_path / "seed.yaml"
     config_file.write_text("seed: 99\n")
     assert cmp.config_seed("SASRec", "seedds", [str(config_file)], keys) == 99

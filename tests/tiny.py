@@ -57,7 +57,7 @@ def make_atomic_dataset(
     per item in ``<root>/<name>/images/<item_id>.jpg``; return the config keys for the dataset.
 
     Every user has 8-12 interactions with distinct items, and every item has at least 5, so
-    RecBole's default 5-core filtering (properties/overall.yaml) keeps all of them.
+    RecBole's default 5-core filtering (recbole_perpeft/properties/overall.yaml) keeps all of them.
     ``missing_images`` / ``empty_titles``: item tokens written without an image / with an empty title.
     """
     from PIL import Image

@@ -200,7 +200,7 @@ def ensure_atomic_files(config: Mapping) -> bool:
 
 
 def _yaml_settings(dataset: str) -> dict:
-    """properties/overall.yaml + properties/dataset/<dataset>.yaml: the keys a run would see."""
+    """recbole_perpeft/properties/overall.yaml + properties/dataset/<dataset>.yaml: the keys a run would see."""
     import yaml
 
     from recbole_perpeft.config import PROPERTIES_DIR
@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         options.force = args.force
         if options.layout is None:
             raise ValueError(
-                f"Don't know how to prepare '{args.dataset}': it has no properties/dataset/{args.dataset}.yaml with "
-                f"amazon_category or raw_layout; to import files pass --layout={{{','.join(LAYOUTS)}}} --source=DIR."
+                f"Don't know how to prepare '{args.dataset}': it has no "
+                f"recbole_perpeft/properties/dataset/{args.dataset}.yaml with amazon_category or raw_layout; "
+                f"to import files pass --layout={{{','.join(LAYOUTS)}}} --source=DIR."
             )
         if options.layout != "amazon" and options.inter_file.is_file() and not args.force:
             logger.info(f"{options.inter_file} exists; nothing to do (--force to import again).")

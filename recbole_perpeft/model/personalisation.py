@@ -33,8 +33,8 @@ class TwoStageGrouped:
     group-level baselines): ``recbole_perpeft.two_stage.TwoStageRun`` trains GlobalPEFT, groups the
     users, builds the model and calls ``load_global(global_state, groups)``.
 
-    Its YAML (``properties/model/TwoStageGrouped.yaml``: n_groups, grouping_method, stage epochs,
-    ...) is read for every subclass, since the config extends YAMLs along the class MRO."""
+    Its YAML (``recbole_perpeft/properties/model/TwoStageGrouped.yaml``: n_groups, grouping_method,
+    stage epochs, ...) is read for every subclass, since the config extends YAMLs along the class MRO."""
 
     grouped = True  # trained on GroupedUserSequenceDataLoader batches
 
