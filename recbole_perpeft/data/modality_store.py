@@ -3,19 +3,36 @@
 Indexed by RecBole's internal item id (row 0 is the padding item). Nothing here is decoded inside
 the training loop: the model gathers rows of these tensors. Missing titles and images are recorded
 in ``has_text`` / ``has_image`` masks (the model substitutes a learned placeholder); a corrupt image
-file is logged by path and counted as missing."""
+file, or one too large to decode, is logged by path and counted as missing.
+
+Cache keys cover what the values depend on: the dataset's items, the titles themselves, and for images
+each file's path, size and modification time (a missing file too: an image that appears later, or is
+replaced, invalidates the entry) plus the decoding (:data:`IMAGE_DECODING`). ``modality_source`` gives
+that key part to the other caches built from these inputs (frozen features, layer states). Writes are
+atomic and locked per entry (:mod:`recbole_perpeft.data.cache_files`): runs sharing a ``cache_dir``
+build each entry once and never read half a file."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
+import warnings
 from logging import getLogger
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
+
+from recbole_perpeft.data.cache_files import atomic_output, build_lock
+
+# How pixels are made from a file (part of every image cache key: change it when load_image changes).
+IMAGE_DECODING = "rgb-draft2x-resize-shorter-bicubic-centercrop"
+# A JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) that still leaves at least this many times the
+# target size (as PIL's Image.thumbnail), then resized: huge files decode cheaply, pixels barely change.
+DRAFT_GAP = 2
 
 
 def cache_key(*parts) -> str:
@@ -32,8 +49,15 @@ def gather_rows(array: np.ndarray, items: torch.Tensor) -> torch.Tensor:
 
 
 def load_image(path: str, size: int) -> np.ndarray:
-    """RGB, shorter side resized to ``size`` (bicubic), centre-cropped: uint8 [3, size, size]."""
-    with Image.open(path) as img:
+    """RGB, shorter side resized to ``size`` (bicubic), centre-cropped: uint8 [3, size, size].
+
+    A JPEG is decoded at a reduced scale first (PIL's ``draft``: 1/2 to 1/8, never below
+    ``DRAFT_GAP * size``), so a huge photo costs little. Raises ``Image.DecompressionBombError`` when
+    the image is still over PIL's decompression-bomb limit (``2 * Image.MAX_IMAGE_PIXELS``) at the
+    scale it would be decoded at."""
+    with _open_image(path) as img:
+        img.draft("RGB", (DRAFT_GAP * size, DRAFT_GAP * size))
+        _check_pixel_count(img, path)
         img = img.convert("RGB")
         w, h = img.size
         scale = size / min(w, h)
@@ -42,6 +66,52 @@ def load_image(path: str, size: int) -> np.ndarray:
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _open_image(path: str) -> Image.Image:
+    """``Image.open``, but the decompression-bomb check is left to :func:`_check_pixel_count`, which sees
+    the size after ``draft``: a JPEG too large for PIL at full size may be fine at 1/8 scale."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked after draft, with the path
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError as err:
+            try:
+                return JpegImagePlugin.JpegImageFile(path)  # no size check on open; not a JPEG: SyntaxError
+            except (SyntaxError, OSError):
+                raise err from None
+
+
+def _check_pixel_count(img: Image.Image, path: str) -> None:
+    """PIL's decompression-bomb rule on the size that will be decoded: over twice
+    ``Image.MAX_IMAGE_PIXELS`` raises, over it decodes with a warning naming the file."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None:
+        return
+    w, h = img.size
+    if w * h > 2 * limit:
+        raise Image.DecompressionBombError(
+            f"{w}x{h} pixels to decode, over PIL's limit of {2 * limit} (2 x PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+    if w * h > limit:
+        getLogger().warning(
+            f"Large image {path}: decoding {w}x{h} pixels (over PIL.Image.MAX_IMAGE_PIXELS = {limit}), "
+            "slowly; a smaller file would do (the model sees it at a few hundred pixels)."
+        )
+
+
+def file_stamp(path: str | None) -> list | None:
+    """What a cache of a file's content is keyed on: [path, size, mtime in ns]; [path, None] when it is
+    missing (or not a regular file), None for no path. One os.stat."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return [path, None]
+    if not stat.S_ISREG(st.st_mode):
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns]
 
 
 class ItemModalityStore:
@@ -64,57 +134,89 @@ class ItemModalityStore:
         os.makedirs(self.cache_dir, exist_ok=True)
         return os.path.join(self.cache_dir, f"{kind}-{cache_key(self.item_tokens, *parts)}")
 
+    def image_stamps(self) -> list:
+        """:func:`file_stamp` of every item's image, taken once per store (per ``image_paths`` list)."""
+        cached = self.__dict__.get("_image_stamps")
+        if cached is None or cached[0] is not self.image_paths:
+            cached = (self.image_paths, [file_stamp(p) for p in self.image_paths])
+            self._image_stamps = cached
+        return cached[1]
+
+    def modality_source(self, modality: str):
+        """The cache-key part for what a modality's values are computed from: the titles, or every image
+        file's path, size and mtime (missing ones included) and how it is decoded."""
+        if modality == "text":
+            return self.texts
+        return {"files": self.image_stamps(), "decoding": IMAGE_DECODING}
+
     # --- text ----------------------------------------------------------------------------------------
 
     def text_tokens(self, tokenizer, max_length: int, tokenizer_id: str) -> dict:
         """``input_ids`` / ``attention_mask`` [n_items, max_length] (int32), cached."""
-        path = self._cache_file("tokens", self.texts, tokenizer_id, max_length) + ".pt"
-        if os.path.isfile(path):
-            return torch.load(path, weights_only=True)
-        encoded = tokenizer(
-            self.texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt"
-        )
-        tokens = {k: encoded[k].to(torch.int32) for k in ("input_ids", "attention_mask")}
-        torch.save(tokens, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        return tokens
+        path = self._cache_file("tokens", self.modality_source("text"), tokenizer_id, max_length) + ".pt"
+        if not os.path.isfile(path):
+            with build_lock(path, [path], "the title tokens"):
+                if not os.path.isfile(path):  # another process may have written it while we waited
+                    encoded = tokenizer(
+                        self.texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt"
+                    )
+                    tokens = {k: encoded[k].to(torch.int32) for k in ("input_ids", "attention_mask")}
+                    with atomic_output(path) as tmp:
+                        torch.save(tokens, tmp)
+                    return tokens
+        return torch.load(path, weights_only=True)
 
     # --- images --------------------------------------------------------------------------------------
 
     def image_availability(self) -> torch.Tensor:
         """Which items have an image file (existence only; decoding may still find it corrupt)."""
-        return torch.tensor([p is not None and os.path.isfile(p) for p in self.image_paths])
+        return torch.tensor([stamp is not None and stamp[1] is not None for stamp in self.image_stamps()])
 
     def image_pixels(self, size: int) -> tuple[np.ndarray, torch.Tensor]:
         """uint8 pixels [n_items, 3, size, size] (memory-mapped from the cache) and ``has_image``."""
-        base = self._cache_file("pixels", self.image_paths, size, "resize-shorter-bicubic-centercrop")
+        base = self._cache_file("pixels", self.modality_source("image"), size)
         pixels_file, mask_file = base + ".npy", base + "-mask.npy"
-        if not (os.path.isfile(pixels_file) and os.path.isfile(mask_file)):
-            self._decode_images(size, pixels_file, mask_file)
+
+        def complete() -> bool:  # the pixels are renamed into place after the mask
+            return os.path.isfile(pixels_file) and os.path.isfile(mask_file)
+
+        if not complete():
+            with build_lock(base, [pixels_file, mask_file], "the decoded item images"):
+                if not complete():  # another process may have decoded them while we waited
+                    self._decode_images(size, pixels_file, mask_file)
         return np.load(pixels_file, mmap_mode="r"), torch.from_numpy(np.load(mask_file))
 
     def _decode_images(self, size: int, pixels_file: str, mask_file: str) -> None:
-        tmp = pixels_file + ".tmp.npy"
-        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(self.n_items, 3, size, size))
         has_image = np.zeros(self.n_items, dtype=bool)
-        absent, corrupt = 0, []
-        items = tqdm(range(1, self.n_items), desc="Decoding item images", disable=not self.show_progress)
-        for item in items:
-            path = self.image_paths[item]
-            if path is None or not os.path.isfile(path):
-                absent += 1
-                continue
-            try:
-                pixels[item] = load_image(path, size)
-                has_image[item] = True
-            except (UnidentifiedImageError, OSError, ValueError) as err:
-                corrupt.append(path)
-                self.logger.warning(f"Corrupt image {path} ({err}): item {self.item_tokens[item]} has no image.")
-        pixels.flush()
-        del pixels
-        np.save(mask_file, has_image)
-        os.replace(tmp, pixels_file)
+        absent, corrupt, too_large = 0, [], []
+        stamps = self.image_stamps()
+        with atomic_output(pixels_file) as tmp:
+            pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(self.n_items, 3, size, size))
+            items = tqdm(range(1, self.n_items), desc="Decoding item images", disable=not self.show_progress)
+            for item in items:
+                path = self.image_paths[item]
+                if stamps[item] is None or stamps[item][1] is None:
+                    absent += 1
+                    continue
+                token = self.item_tokens[item]
+                try:
+                    pixels[item] = load_image(path, size)
+                    has_image[item] = True
+                except (Image.DecompressionBombError, MemoryError) as err:
+                    too_large.append(path)
+                    self.logger.warning(
+                        f"Image {path} is too large to decode ({err}): item {token} has no image. Shrink the "
+                        "file (a few hundred pixels a side is plenty) or raise PIL.Image.MAX_IMAGE_PIXELS; the "
+                        "next run decodes the changed file."
+                    )
+                except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+                    corrupt.append(path)
+                    self.logger.warning(f"Corrupt image {path} ({err}): item {token} has no image.")
+            pixels.flush()
+            del pixels
+            with atomic_output(mask_file) as mask_tmp, open(mask_tmp, "wb") as f:
+                np.save(f, has_image)  # before the pixels: their presence marks a complete entry
         self.logger.info(
             f"Images: {int(has_image.sum())} decoded, {absent} items without an image file, "
-            f"{len(corrupt)} corrupt; missing ones get a learned placeholder."
+            f"{len(corrupt)} corrupt, {len(too_large)} too large; missing ones get a learned placeholder."
         )

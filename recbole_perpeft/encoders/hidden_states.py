@@ -5,7 +5,12 @@ foundation model during training.
 One file per (dataset items, modality source, encoder + preprocessing, layers): [n_items, sum(widths)]
 float16, the selected layers' summaries side by side; rows of items without the modality (and row 0,
 the padding item) are zeros. A JSON sidecar records the layers and widths. The build records its
-progress after every batch, so an interrupted one (Ctrl-C, a crash) resumes where it stopped."""
+progress after every batch, so an interrupted one (Ctrl-C, a crash) resumes where it stopped.
+
+Image entries are keyed on every image file's path, size and mtime (``store.modality_source``): a
+replaced or added image rebuilds them. The build holds the entry's lock
+(:func:`recbole_perpeft.data.cache_files.build_lock`): a second run on the same ``cache_dir`` waits,
+then memory-maps the first one's file (or resumes its partial build if that run died)."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_perpeft.data.cache_files import build_lock, temp_path, write_json_atomic
 from recbole_perpeft.data.modality_store import gather_rows
 from recbole_perpeft.encoders.base import FoundationModel, select_layers
 
@@ -54,9 +60,9 @@ class LayerStates:
 
 
 def layer_states_path(store, foundation: FoundationModel, modality: str, layers: list[int]) -> str:
-    """Cache file (without extension) keyed on the dataset's items, the modality's source (titles or
-    image paths), the encoder's weights/preprocessing id and the layers."""
-    source = store.texts if modality == "text" else store.image_paths
+    """Cache file (without extension) keyed on the dataset's items, the modality's source (titles, or
+    image files by path, size and mtime), the encoder's weights/preprocessing id and the layers."""
+    source = store.modality_source(modality)
     return store._cache_file(f"layers-{modality}", source, foundation.cache_ids[modality], list(layers))
 
 
@@ -82,38 +88,64 @@ def load_layer_states(
     base = layer_states_path(store, foundation, modality, layers)
     array_file, meta_file = base + ".npy", base + ".json"
 
-    if os.path.isfile(array_file) and os.path.isfile(meta_file):
-        with open(meta_file) as f:
-            meta = json.load(f)
-        array = np.load(array_file, mmap_mode="r")
-        if (
-            meta.get("layers") == layers
-            and meta.get("widths") == widths
-            and array.dtype == np.float16
-            and array.shape == (store.n_items, sum(widths))
-        ):
-            logger.info(f"Layer states of item {modality} (layers {layers}) loaded from cache {array_file}")
-            return LayerStates(array, layers, widths, array_file)
-        del array
-        logger.warning(f"Layer-state cache {array_file} does not match layers {layers} / widths {widths}: rebuilding.")
+    array = _load_cached(array_file, meta_file, layers, widths, store.n_items, warn=True)
+    if array is None:
+        outputs = [array_file, meta_file, base + ".partial.npy", base + ".partial.json"]
+        with build_lock(base, outputs, f"the layer states of item {modality}") as locked:
+            # Another process may have built it while we waited.
+            array = _load_cached(array_file, meta_file, layers, widths, store.n_items, warn=False)
+            if array is None:
+                start = time.perf_counter()
+                if locked:
+                    partial = base + ".partial.npy", base + ".partial.json"
+                else:  # no flock here: files of this process's own, so concurrent builds cannot mix (no resume)
+                    partial = temp_path(base + ".partial.npy"), temp_path(base + ".partial.json")
+                try:
+                    _build(store, foundation, modality, layers, widths, encode_inputs, present, batch_size,
+                           show_progress, array_file, meta_file, *partial)  # fmt: skip
+                finally:
+                    if not locked:
+                        for leftover in partial:
+                            if os.path.isfile(leftover):
+                                os.remove(leftover)
+                logger.info(
+                    f"Layer states of item {modality} (layers {layers}, widths {widths}) built in "
+                    f"{time.perf_counter() - start:.1f} s: {array_file}"
+                )
+                array = np.load(array_file, mmap_mode="r")
+                return LayerStates(array, layers, widths, array_file)
+    logger.info(f"Layer states of item {modality} (layers {layers}) loaded from cache {array_file}")
+    return LayerStates(array, layers, widths, array_file)
 
-    start = time.perf_counter()
-    _build(store, foundation, modality, layers, widths, encode_inputs, present, batch_size, show_progress,
-           array_file, meta_file)  # fmt: skip
-    logger.info(
-        f"Layer states of item {modality} (layers {layers}, widths {widths}) built in "
-        f"{time.perf_counter() - start:.1f} s: {array_file}"
-    )
-    return LayerStates(np.load(array_file, mmap_mode="r"), layers, widths, array_file)
+
+def _load_cached(array_file, meta_file, layers, widths, n_items, warn: bool) -> np.ndarray | None:
+    """The finished cache file, memory-mapped, if it is there and matches (the sidecar is written
+    before the array is renamed into place); else None."""
+    if not (os.path.isfile(array_file) and os.path.isfile(meta_file)):
+        return None
+    with open(meta_file) as f:
+        meta = json.load(f)
+    array = np.load(array_file, mmap_mode="r")
+    if (
+        meta.get("layers") == layers
+        and meta.get("widths") == widths
+        and array.dtype == np.float16
+        and array.shape == (n_items, sum(widths))
+    ):
+        return array
+    del array
+    if warn:
+        getLogger().warning(
+            f"Layer-state cache {array_file} does not match layers {layers} / widths {widths}: rebuilding."
+        )
+    return None
 
 
 def _build(store, foundation, modality, layers, widths, encode_inputs, present, batch_size, show_progress,
-           array_file, meta_file) -> None:  # fmt: skip
-    """Encode the present items in id order into ``<base>.partial.npy``, recording after each batch how
-    many are done (``<base>.partial.json``), so an interrupted build resumes where it stopped; the
-    finished file is renamed into place last."""
-    base = array_file[: -len(".npy")]
-    partial_array, partial_meta = base + ".partial.npy", base + ".partial.json"
+           array_file, meta_file, partial_array, partial_meta) -> None:  # fmt: skip
+    """Encode the present items in id order into ``partial_array`` (``<base>.partial.npy``), recording
+    after each batch how many are done (``partial_meta``), so an interrupted build resumes where it
+    stopped; the finished file is renamed into place last. Runs under the entry's lock."""
     present = present.clone()
     present[0] = False  # the padding item
     items = torch.nonzero(present).flatten()
@@ -142,11 +174,11 @@ def _build(store, foundation, modality, layers, widths, encode_inputs, present, 
             array[chunk.numpy()] = values.clamp(-FP16_MAX, FP16_MAX).numpy().astype(np.float16)
             array.flush()
             done += len(chunk)
-            _write_json(partial_meta, {**meta, "done_items": done})
+            write_json_atomic(partial_meta, {**meta, "done_items": done})
     if clamped:
         getLogger().warning(f"{clamped} layer-state values of item {modality} exceed float16's range: clamped.")
     del array
-    _write_json(meta_file, meta)
+    write_json_atomic(meta_file, meta)
     os.replace(partial_array, array_file)  # last: the array's presence marks a complete cache
     os.remove(partial_meta)
 
@@ -162,9 +194,3 @@ def _resumable(partial_array: str, partial_meta: str, meta: dict) -> int:
         return 0
     done = recorded.pop("done_items", 0)
     return int(done) if recorded == meta else 0
-
-
-def _write_json(path: str, payload: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f)
-    os.replace(path + ".tmp", path)

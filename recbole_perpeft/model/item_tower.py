@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from recbole_perpeft.adapters import attach_peft, is_moda, set_condition
 from recbole_perpeft.adapters.side_network import build_side_network, is_side_network
+from recbole_perpeft.data.cache_files import atomic_output, build_lock
 from recbole_perpeft.data.modality_store import ItemModalityStore, gather_rows
 from recbole_perpeft.encoders import build_foundation
 from recbole_perpeft.encoders.hidden_states import load_layer_states, select_layers
@@ -139,21 +140,29 @@ class ItemTower(nn.Module):
         return states
 
     def _frozen_features(self, modality: str, store: ItemModalityStore) -> torch.Tensor:
-        """The frozen encoder's vector for every item, computed once and cached on disk."""
-        source = store.texts if modality == "text" else store.image_paths
+        """The frozen encoder's vector for every item, computed once and cached on disk (keyed on the
+        titles, or the image files' paths, sizes and mtimes; built under the entry's lock, written
+        atomically: runs sharing a cache_dir compute it once)."""
+        source = store.modality_source(modality)
         path = store._cache_file(f"features-{modality}", source, self.foundation.cache_ids[modality]) + ".pt"
-        if os.path.isfile(path):
-            return torch.load(path, weights_only=True)
+        if not os.path.isfile(path):
+            with build_lock(path, [path], f"the frozen {modality} features"):
+                if not os.path.isfile(path):  # another process may have written it while we waited
+                    features = self._encode_all(modality)
+                    with atomic_output(path) as tmp:
+                        torch.save(features, tmp)
+                    return features
+        return torch.load(path, weights_only=True)
+
+    def _encode_all(self, modality: str) -> torch.Tensor:
         has = self.has_text if modality == "text" else self.has_image
         items = torch.nonzero(has).flatten()
-        features = torch.zeros(store.n_items, self.foundation.out_dims[modality])
+        features = torch.zeros(len(has), self.foundation.out_dims[modality])
         chunks = items.split(self.encode_batch_size)
         with torch.inference_mode():
             desc = f"Encoding item {modality} (frozen, cached)"
             for chunk in tqdm(chunks, desc=desc, disable=not self.show_progress):
                 features[chunk] = self._encode(modality, chunk).float()
-        torch.save(features, path + ".tmp")
-        os.replace(path + ".tmp", path)
         return features
 
     def modality_vector(self, modality: str, items: torch.Tensor) -> torch.Tensor:
