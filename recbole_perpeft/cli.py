@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+
 
 def parse_args(argv):
     # allow_abbrev=False: `--seed=7` is a config override, not an abbreviation of --seeds.
@@ -41,9 +43,22 @@ def parse_args(argv):
         key, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if not key or not sep:
             parser.error(f"unrecognised argument '{arg}': config overrides are written --key=value")
-        overrides[key] = value
+        overrides[key] = flow_value(value)
     files = args.config_files.replace(",", " ").split() if args.config_files else None
     return args, files, overrides
+
+
+def flow_value(value: str):
+    """``{lora_dropout: 0.5}`` or ``[5, 10]`` (YAML flow syntax, as in a YAML file) -> dict / list;
+    anything else stays a string for RecBole's own conversion (numbers, booleans, Python literals)."""
+    if value[:1] in "{[":
+        try:
+            loaded = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(loaded, (dict, list)):
+            return loaded
+    return value
 
 
 def is_comparison(args) -> bool:
@@ -51,6 +66,8 @@ def is_comparison(args) -> bool:
 
 
 def main(argv=None):
+    from recbole_perpeft.resume import TrainingInterrupted
+
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if is_comparison(args):
@@ -60,8 +77,24 @@ def main(argv=None):
 
             run(args.model, args.dataset, config_file_list=files, config_dict=overrides,
                 result_file=args.result_file, resume=args.resume)  # fmt: skip
+    except TrainingInterrupted as stop:
+        print(interrupted_message(stop.checkpoint, args, argv), file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(interrupted_message(None, args, argv), file=sys.stderr)
+        sys.exit(130)
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         sys.exit(f"error: {err}")
+
+
+def interrupted_message(checkpoint, args, argv) -> str:
+    """One line on how to go on after Ctrl-C (exit status 130): resume a single run, rerun a comparison."""
+    if is_comparison(args):
+        return "interrupted: run the same command again; finished runs are reused."
+    if checkpoint is None:
+        return "interrupted before an epoch ended: run the same command again (finished caches are reused)."
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--resume")]
+    return f"interrupted: resume with  recbole-perpeft {' '.join(argv)} --resume={checkpoint}"
 
 
 def run_comparison(args, files, overrides):

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recbole_perpeft.data.cache_files import atomic_output
+
 NUMPY_MAX_MAJOR = 1
 PANDAS_MAX_MAJOR = 2
 
@@ -54,11 +56,8 @@ def _plain(value):
 class SafeCheckpointMixin:
     """Mixed into a RecBole trainer: checkpoints loadable with ``torch.load(weights_only=True)``."""
 
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
-            return
-        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        state = {
+    def _checkpoint_state(self, epoch: int) -> dict:
+        return {
             # RecBole only reads config["model"] back; keep the identifying keys as plain strings.
             "config": {key: str(self.config[key]) for key in ("model", "dataset", "seed")},
             "epoch": int(epoch),
@@ -68,7 +67,14 @@ class SafeCheckpointMixin:
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
         }
-        torch.save(state, saved_model_file)  # default protocol: the weights-only unpickler reads it
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        # Written aside and renamed: a run killed while saving leaves the previous file whole.
+        with atomic_output(saved_model_file) as tmp:
+            torch.save(self._checkpoint_state(epoch), tmp)  # default protocol: the weights-only unpickler reads it
         if verbose:
             self.logger.info(f"Saving current: {saved_model_file}")
 

@@ -7,9 +7,14 @@ the user's ``config_file_list``, then ``config_dict`` (the entry point puts the 
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
+import re
 from pathlib import Path
 
+import recbole
+import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_perpeft.compat import check_environment
@@ -17,6 +22,50 @@ from recbole_perpeft.utils import get_model
 
 PROPERTIES_DIR = Path(__file__).resolve().parent / "properties"  # package data (setup.cfg)
 MODALITIES = ("text", "image")
+# Keys a user may set for their own code (or "*" for any): not refused as unknown.
+EXTRA_KEYS = "extra_keys"
+# Keys RecBole's Config sets itself or reads off the command line, not from any YAML or config[...] read.
+CONFIG_KEYS = {"model", "dataset", "config_files", "MODEL_TYPE", "MODEL_INPUT_TYPE", EXTRA_KEYS}
+
+
+def yaml_keys(folder: Path) -> set[str]:
+    keys = set()
+    for path in folder.rglob("*.yaml"):
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(loaded, dict):
+            keys |= set(loaded)
+    return keys
+
+
+@functools.lru_cache(maxsize=1)
+def known_keys() -> frozenset[str]:
+    """Every key some property file declares (RecBole's, for all its models and datasets, and ours)
+    and every key RecBole's code reads as config[<name>]: a key outside this set has no effect."""
+    recbole_dir = Path(recbole.__file__).resolve().parent
+    keys = yaml_keys(recbole_dir / "properties") | yaml_keys(PROPERTIES_DIR) | CONFIG_KEYS
+    read = re.compile(r"""(?:config|final_config_dict|self)\[\s*["']([A-Za-z_][A-Za-z0-9_]*)["']\s*\]""")
+    for path in recbole_dir.rglob("*.py"):
+        keys |= set(read.findall(path.read_text(encoding="utf-8")))
+    return frozenset(keys)
+
+
+def check_known_keys(given: dict) -> None:
+    """Refuse keys nothing reads (a misspelling would be silently ignored), naming the closest known
+    one; ``extra_keys: [k, ...]`` (or ``"*"``) lets a user's own keys through."""
+    extra = given.get(EXTRA_KEYS) or []
+    if extra == "*":
+        return
+    extra = {extra} if isinstance(extra, str) else set(extra)
+    known = known_keys()
+    for key in given:
+        if key in known or key in extra:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(
+            f"unknown config key '{key}': {hint}No property file declares it and nothing reads it. If it is a key "
+            f"of your own, list it under {EXTRA_KEYS} (e.g. --{EXTRA_KEYS}=[{key}])."
+        )
 
 
 class Config(RecBoleConfig):
@@ -24,6 +73,25 @@ class Config(RecBoleConfig):
         check_environment()
         super().__init__(model, dataset, config_file_list, config_dict)
         self._check_values()
+
+    def _load_config_files(self, file_list):
+        """RecBole's, naming the file (and line) of a YAML error, or a file that is not a mapping."""
+        merged = {}
+        for file in file_list or []:
+            with open(file, encoding="utf-8") as f:
+                try:
+                    loaded = yaml.load(f.read(), Loader=self.yaml_loader)
+                except yaml.YAMLError as err:
+                    mark = getattr(err, "problem_mark", None)
+                    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                    raise ValueError(f"config file {file}:{where}: not valid YAML ({problem}).") from None
+            if loaded is None:
+                continue
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {file} must hold `key: value` lines, not a {type(loaded).__name__}.")
+            merged.update(loaded)
+        return merged
 
     def _load_cmd_line(self):
         # RecBole reads sys.argv itself; we parse the command line in run_recbole_perpeft.py and pass
@@ -82,7 +150,14 @@ class Config(RecBoleConfig):
             self.final_config_dict["image_dir"] = os.path.join(data_root, self.dataset, "images")
 
     def _check_values(self):
+        check_known_keys(self.external_config_dict)
         cfg = self.final_config_dict
+        length = cfg.get("MAX_ITEM_LIST_LENGTH")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"MAX_ITEM_LIST_LENGTH must be a positive integer (items per sequence), got {length!r}.")
+        for key in ("peft_config", "peft_defaults"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise ValueError(f"{key} must be a mapping such as {{r: 8, lora_dropout: 0.1}}, got {cfg[key]!r}.")
         ratio = cfg.get("user_sample_ratio")
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
             raise ValueError(f"user_sample_ratio must be a number in (0, 1], got {ratio!r}.")

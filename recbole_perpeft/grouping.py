@@ -89,6 +89,18 @@ class UserGroups:
         )
 
 
+def check_grouping(n_groups, method: str, n_users: int) -> None:
+    """The grouping settings against the users to group: checked before stage 1 trains, and again at
+    the grouping itself."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown grouping_method {method!r}; expected one of {', '.join(METHODS)}.")
+    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or not 1 <= n_groups <= n_users:
+        raise ValueError(
+            f"n_groups={n_groups} is invalid for {n_users} users with interest vectors: "
+            f"it must be an integer between 1 and {n_users}; lower --n_groups (or raise it to at least 1)."
+        )
+
+
 def fit_user_groups(
     vectors: np.ndarray,
     user_ids: np.ndarray,
@@ -101,8 +113,6 @@ def fit_user_groups(
 
     Deterministic for a given seed. Empty groups are dropped and the rest relabelled 0..C'-1 in order."""
     vectors, user_ids = np.asarray(vectors), np.asarray(user_ids, dtype=np.int64)
-    if method not in METHODS:
-        raise ValueError(f"Unknown grouping method {method!r}; expected one of {', '.join(METHODS)}.")
     if vectors.ndim != 2 or user_ids.ndim != 1 or len(vectors) != len(user_ids):
         raise ValueError(
             f"Expected vectors [U, D] and user_ids [U] of the same length, got {vectors.shape} and {user_ids.shape}."
@@ -116,11 +126,7 @@ def fit_user_groups(
     if not np.isfinite(vectors).all():
         raise ValueError("Interest vectors contain NaN or inf.")
     n_fit = len(user_ids)
-    if not 1 <= n_groups <= n_fit:
-        raise ValueError(
-            f"n_groups={n_groups} is invalid for {n_fit} users with interest vectors: "
-            f"it must be between 1 and {n_fit}; lower --n_groups (or raise it to at least 1)."
-        )
+    check_grouping(n_groups, method, n_fit)
 
     params: dict[str, np.ndarray] = {}
     if method == "kmeans":

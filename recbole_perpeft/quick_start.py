@@ -12,6 +12,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_perpeft.config import Config
 from recbole_perpeft.data import create_dataset, data_preparation
+from recbole_perpeft.data.cache_files import atomic_output
 from recbole_perpeft.trainer import checkpoint_path
 from recbole_perpeft.utils import get_model, get_trainer, trainable_parameters_by_component
 
@@ -30,9 +31,8 @@ def json_safe(value):
 
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:  # two runs writing one file never mix
         json.dump(json_safe(payload), f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, result_file=None,

@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import os
-from time import time
 
 from recbole.trainer import Trainer
 from recbole.utils import get_local_time
 
 from recbole_perpeft.compat import SafeCheckpointMixin
+from recbole_perpeft.resume import ResumableTrainerMixin
 
 
-class PEFTTrainer(SafeCheckpointMixin, Trainer):
+class PEFTTrainer(ResumableTrainerMixin, SafeCheckpointMixin, Trainer):
     """Optimises only trainable parameters (the foundation's frozen ones would only cost AdamW
-    memory) and records seconds per training epoch."""
-
-    def __init__(self, config, model):
-        self.epoch_seconds: list[float] = []
-        super().__init__(config, model)
+    memory); resumable (recbole_perpeft/resume.py), with seconds per training epoch."""
 
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
         return super()._build_optimizer(**kwargs)
-
-    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        start = time()
-        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
-        self.epoch_seconds.append(time() - start)
-        return loss
 
 
 def checkpoint_path(config, name: str) -> str:

@@ -21,8 +21,9 @@ import torch
 
 from recbole_perpeft.data.dataloader import GroupedUserSequenceDataLoader, user_sequences
 from recbole_perpeft.data.sampler import GroupNegativeSampler, SequenceNegativeSampler
-from recbole_perpeft.grouping import UserGroups, fit_user_groups, training_item_pools
+from recbole_perpeft.grouping import UserGroups, check_grouping, fit_user_groups, training_item_pools
 from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
+from recbole_perpeft.resume import TrainingInterrupted, best_checkpoint_path, load_checkpoint
 from recbole_perpeft.trainer import PEFTTrainer, checkpoint_path
 from recbole_perpeft.utils import get_model, trainable_parameters_by_component
 
@@ -60,7 +61,7 @@ def interest_vectors(model: GlobalPEFT, user_ids, histories, lengths, batch_size
 
 
 def checkpoint_stage(path: str) -> str:
-    return torch.load(path, map_location="cpu", weights_only=True)["config"]["model"]
+    return load_checkpoint(path)["config"]["model"]
 
 
 def groups_file(stage2_checkpoint: str) -> str:
@@ -79,6 +80,12 @@ class TwoStageRun:
         self.stage1_file = checkpoint_path(config, f"{self.model_name}-stage1-GlobalPEFT")
         self.stage2_file = checkpoint_path(config, f"{self.model_name}-stage2")
         self.seconds = {}
+        # Settings that would only fail after stage 1 has trained are checked now.
+        n_users = len(np.unique(self.train_dataset.inter_feat[self.train_dataset.uid_field].numpy()))
+        check_grouping(config["n_groups"], config["grouping_method"], n_users)
+        for key in ("stage1_epochs", "stage2_epochs"):
+            if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 0:
+                raise ValueError(f"{key} must be a non-negative integer, got {config[key]!r}.")
 
     # --- stage 1 -------------------------------------------------------------------------------------
 
@@ -88,7 +95,7 @@ class TwoStageRun:
         source = self.config["global_checkpoint"]
         if source and not resume:
             self.logger.info(f"Stage 1: GlobalPEFT from {source} (not retrained).")
-            model.load_state_dict(torch.load(source, map_location=self.device, weights_only=True)["state_dict"])
+            model.load_state_dict(load_checkpoint(source, map_location=self.device)["state_dict"])
             self.global_checkpoint = source
             return model
         trainer = PEFTTrainer(config, model)
@@ -99,8 +106,7 @@ class TwoStageRun:
         start = time()
         trainer.fit(self.train_data, self.valid_data, saved=True, show_progress=config["show_progress"])
         self.seconds["stage1_train"], self.seconds["stage1_per_epoch"] = time() - start, trainer.epoch_seconds
-        state = torch.load(trainer.saved_model_file, map_location=self.device, weights_only=True)["state_dict"]
-        model.load_state_dict(state)
+        model.load_state_dict(load_checkpoint(trainer.saved_model_file, map_location=self.device)["state_dict"])
         self.global_checkpoint = trainer.saved_model_file
         return model
 
@@ -132,7 +138,9 @@ class TwoStageRun:
         trainer = PEFTTrainer(config, model)
         suffix = "" if weight_decay is None else f"-wd{weight_decay:g}"
         trainer.saved_model_file = resume or self.stage2_file.replace(".pth", f"{suffix}.pth")
-        torch.save(groups.to_state(), groups_file(trainer.saved_model_file))
+        # Beside the grouping, what stage 1 reported: a resumed stage 2 still writes a complete result.
+        stage1 = {"seconds": dict(self.seconds), "global_checkpoint": self.global_checkpoint}
+        torch.save({**groups.to_state(), "stage1": stage1}, groups_file(trainer.saved_model_file))
         if resume:
             trainer.resume_checkpoint(resume)
         self.logger.info(
@@ -140,8 +148,12 @@ class TwoStageRun:
             f"-> {trainer.saved_model_file}"
         )
         start = time()
-        best_score, best_valid = trainer.fit(train_data, self.valid_data, saved=self.saved,
-                                             show_progress=config["show_progress"])
+        try:
+            best_score, best_valid = trainer.fit(train_data, self.valid_data, saved=self.saved,
+                                                 show_progress=config["show_progress"])
+        except TrainingInterrupted as stop:
+            # Before stage 2's first epoch ended, the stage-1 checkpoint is where to go on from.
+            raise TrainingInterrupted(stop.checkpoint or self.global_checkpoint) from None
         seconds = {"stage2_train": time() - start, "stage2_per_epoch": trainer.epoch_seconds}
         return model, trainer, best_score, best_valid, seconds
 
@@ -165,9 +177,12 @@ class TwoStageRun:
         if stage not in (None, "GlobalPEFT", self.model_name):
             raise ValueError(f"--resume={resume} is a {stage} checkpoint, not one of {self.model_name}'s two stages.")
         if stage == self.model_name:
-            groups = UserGroups.from_state(torch.load(groups_file(resume), weights_only=True))
+            saved = torch.load(groups_file(best_checkpoint_path(resume)), weights_only=True)
+            groups = UserGroups.from_state(saved)
             global_model = GlobalPEFT(stage_config(self.config, "GlobalPEFT", 0), self.train_dataset).to(self.device)
-            self.global_checkpoint = None  # the stage-2 checkpoint holds the global path too
+            stage1 = saved.get("stage1", {"seconds": {}, "global_checkpoint": None})
+            self.seconds.update(stage1["seconds"])
+            self.global_checkpoint = stage1["global_checkpoint"]  # (the stage-2 checkpoint holds the global path too)
         else:
             global_model = self.stage1(resume if stage == "GlobalPEFT" else None)
             groups = self.group_users(global_model)

@@ -8,6 +8,7 @@ from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_perpeft.compat import with_safe_checkpoints
+from recbole_perpeft.resume import ResumableTrainerMixin
 
 # name -> module path, so `--model=X` does not import every model (and its encoders) to find one.
 MODELS = {
@@ -40,12 +41,14 @@ def get_model(model_name: str):
 
 
 def get_trainer(model_type, model_name: str):
-    """The trainer for a model; every trainer writes checkpoints that load with weights_only=True."""
+    """The trainer for a model; every trainer writes checkpoints that load with weights_only=True and
+    resume reproducibly (recbole_perpeft/resume.py)."""
     if model_name in MODELS:
         from recbole_perpeft.trainer import PEFTTrainer
 
         return getattr(get_model(model_name), "trainer_class", PEFTTrainer)
-    return with_safe_checkpoints(recbole_get_trainer(model_type, model_name))
+    trainer = with_safe_checkpoints(recbole_get_trainer(model_type, model_name))
+    return type(trainer.__name__, (ResumableTrainerMixin, trainer), {})
 
 
 def count_parameters(module, trainable_only: bool = True) -> int:

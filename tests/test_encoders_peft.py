@@ -213,13 +213,40 @@ GRADIENT_CASES = [
 ]
 
 
+def adapter_submodules(foundation):
+    """What peft injected beside each frozen layer (``lora_A``, ``lora_dropout``, ``ia3_l``, ...)."""
+    for layer in foundation.modules():
+        if isinstance(layer, BaseTunerLayer):
+            for name, child in layer.named_children():
+                if name != "base_layer":
+                    yield from child.modules()
+
+
+def test_lora_dropout_acts_in_training_only(make_config):
+    _, model, train_data, _, _ = build_model("GlobalPEFT", DATASET, make_config(peft_config={"lora_dropout": 0.5}))
+    dropouts = [m for m in adapter_submodules(model.item_tower.foundation) if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.5 for m in dropouts)
+    items = torch.arange(1, 9)
+    with torch.no_grad():
+        model.train()
+        assert all(m.training for m in dropouts)
+        first, second = model.item_tower(items), model.item_tower(items)
+        assert not torch.equal(first, second)  # a new dropout mask per forward
+        model.eval()
+        assert not any(m.training for m in dropouts)
+        assert torch.equal(model.item_tower(items), model.item_tower(items))
+
+
 @pytest.mark.parametrize("foundation, overrides", GRADIENT_CASES)
 def test_globalpeft_backward_reaches_only_trainable_components(make_config, foundation, overrides):
     _, model, train_data, _, _ = build_model("GlobalPEFT", DATASET, make_config(foundation, **overrides))
     expected_adapted = {"text", "image"} if overrides.get("adapt_image_tower") else {"text"}
     assert set(model.item_tower.adapted) == expected_adapted
     model.train()
-    assert not any(m.training for m in model.item_tower.foundation.modules())  # frozen: always eval mode
+    foundation = model.item_tower.foundation
+    adapter_parts = {id(m) for m in adapter_submodules(foundation)}
+    assert adapter_parts and all(m.training for m in adapter_submodules(foundation))  # adapter dropout acts
+    assert not any(m.training for m in foundation.modules() if id(m) not in adapter_parts)  # frozen: eval mode
     batch = next(iter(train_data))
     loss = model.calculate_loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)

@@ -4,6 +4,7 @@ and the errors a user sees."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from recbole_perpeft.cli import parse_args
+from recbole_perpeft.config import Config, known_keys
 from recbole_perpeft.quick_start import run
 from recbole_perpeft.utils import get_trainer
 from tests.tiny import (
@@ -140,7 +143,7 @@ def test_resume_continues_after_the_saved_epoch(tmp_path, data_keys, monkeypatch
     assert state.keys() == checkpoint["state_dict"].keys()
     assert all(torch.equal(state[k], v) for k, v in checkpoint["state_dict"].items())
     trainer.fit(train_data, valid_data, saved=True, show_progress=False)
-    assert len(trainer.epoch_seconds) == 1  # epoch 1 only: epoch 0 came from the checkpoint
+    assert len(trainer.epoch_seconds) == 2  # epoch 0's seconds came from the checkpoint
 
     # The same through the command line (in-process): one more epoch, then evaluation.
     result_file = tmp_path / "resumed.json"
@@ -151,7 +154,7 @@ def test_resume_continues_after_the_saved_epoch(tmp_path, data_keys, monkeypatch
          f"--result_file={result_file}", *overrides]
     )  # fmt: skip
     resumed = json.loads(result_file.read_text())
-    assert resumed["config"]["epochs"] == 2 and len(resumed["seconds"]["per_epoch"]) == 1
+    assert resumed["config"]["epochs"] == 2 and len(resumed["seconds"]["per_epoch"]) == 2
     check_metrics(resumed)
 
 
@@ -178,7 +181,13 @@ def test_model_name_in_wrong_case_gets_the_same_clear_message(tmp_path, monkeypa
         pytest.param(["--dataset=no_such_data"], ["no_such_data.inter"], id="unknown-dataset"),
         pytest.param(["--user_sample_ratio=2"], ["user_sample_ratio", "2"], id="ratio-out-of-range"),
         pytest.param(["--modalities=['audio']"], ["modalities", "audio"], id="unknown-modality"),
-        pytest.param(["--peft_type=NOPE"], ["peft_type", "NOPE", "LORA"], id="unknown-peft-type"),
+        pytest.param(["--peft_type=NOPE"], ["peft_type", "NOPE", "LORA", "IISAN", "CROSSAN"], id="unknown-peft-type"),
+        pytest.param(["--n_group=4"], ["unknown config key 'n_group'", "did you mean 'n_groups'", "extra_keys"],
+                     id="misspelled-key"),
+        pytest.param(["--MAX_ITEM_LIST_LENGTH=0"], ["MAX_ITEM_LIST_LENGTH", "positive integer", "0"],
+                     id="zero-sequence-length"),
+        pytest.param(["--peft_config=lora_dropout=0.5"], ["peft_config must be a mapping", "lora_dropout=0.5"],
+                     id="peft-config-not-a-mapping"),
     ],
 )
 def test_bad_input_exits_non_zero_naming_it(args, expected, tmp_path, data_keys, monkeypatch):
@@ -192,6 +201,39 @@ def test_bad_input_exits_non_zero_naming_it(args, expected, tmp_path, data_keys,
     assert isinstance(code, str) and code.startswith("error: ")  # sys.exit(message): exit status 1
     for fragment in expected:
         assert fragment in code
+
+
+def test_own_keys_pass_when_declared_and_flow_syntax_is_parsed(tmp_path, data_keys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, files, overrides = parse_args(
+        [f"--dataset={DATASET}", "--my_note=hello", "--extra_keys=[my_note]", "--peft_config={lora_dropout: 0.5}"]
+    )
+    config = Config(model="GlobalPEFT", dataset=DATASET, config_dict={**data_keys, **overrides})
+    assert config["my_note"] == "hello"
+    assert config["peft_config"] == {"lora_dropout": 0.5}
+
+
+def test_every_key_our_code_reads_is_known():
+    """A key read by recbole_perpeft but declared in no property file would be refused from users."""
+    read = re.compile(r"""\bconfig\[\s*["']([A-Za-z_][A-Za-z0-9_]*)["']\s*\]""")
+    package = Path(__file__).resolve().parents[1] / "recbole_perpeft"
+    keys = {key for path in package.rglob("*.py") for key in read.findall(path.read_text())}
+    assert len(keys) > 50
+    assert keys - known_keys() == set()
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\npeft_config: {r: 8\nlearning_rate: 0.001\n")
+    with pytest.raises(SystemExit) as info:
+        load_entry_point().main(["--model=GlobalPEFT", f"--dataset={DATASET}", f"--config_files={bad}"])
+    message = info.value.code
+    assert message.startswith(f"error: config file {bad}: line ") and "not valid YAML" in message
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(SystemExit) as info:
+        load_entry_point().main(["--model=GlobalPEFT", f"--dataset={DATASET}", f"--config_files={bad}"])
+    assert "must hold `key: value` lines, not a list" in info.value.code
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -573,25 +574,28 @@ def test_command_line_two_stages_then_stage2_only_then_resume(env, cli_data, tmp
     third = json.loads(third_file.read_text())
     assert third["checkpoint"] == stage2_file and third["groups_file"] == first["groups_file"]
     assert third["groups"]["sizes"] == groups["sizes"]
-    assert len(third["seconds"]["stage2_per_epoch"]) == 1  # epoch 0 came from the checkpoint
-    assert "stage1_train" not in third["seconds"]
+    # Complete: epoch 0's seconds come from the checkpoint, stage 1's from the file beside it.
+    assert len(third["seconds"]["stage2_per_epoch"]) == 2
+    assert third["seconds"]["stage1_train"] == first["seconds"]["stage1_train"]
+    assert third["global_checkpoint"] == stage1_file
     assert torch.load(stage2_file, weights_only=True)["epoch"] == 1
 
 
 # --- 9. too many groups ------------------------------------------------------------------------------------------
 
 
-def test_too_many_groups_exits_non_zero_naming_n_groups(env, tmp_path):
+@pytest.mark.parametrize("n_groups", [1000, 0])
+def test_bad_n_groups_exits_before_stage_1_naming_n_groups(env, tmp_path, n_groups):
     keys = two_stage_keys(tmp_path, env.data_keys, env.clip_path)
     argv = ["--model=PerPEFT", f"--dataset={DATASET}", f"--data_path={keys['data_path']}",
             f"--load_col={keys['load_col']}", "--text_field=title", f"--image_dir={keys['image_dir']}",
             f"--cache_dir={keys['cache_dir']}", f"--checkpoint_dir={keys['checkpoint_dir']}",
             "--foundation_model=clip", f"--clip_path={env.clip_path}", "--show_progress=False",
             "--hidden_size=16", "--inner_size=32", "--n_heads=2", "--projector_hidden_size=32",
-            "--topk=[5, 10]", "--valid_metric=hit@10", "--stage1_epochs=1", "--n_groups=1000"]  # fmt: skip
+            "--topk=[5, 10]", "--valid_metric=hit@10", "--stage1_epochs=1", f"--n_groups={n_groups}"]  # fmt: skip
     with pytest.raises(SystemExit) as info:
         load_entry_point().main(argv)
     message = info.value.code
     assert isinstance(message, str) and message.startswith("error: ")  # exit status 1
-    assert "n_groups=1000" in message and f"{N_USERS} users" in message
-    assert not list((tmp_path / "saved").glob("PerPEFT-stage2-*"))  # stopped before stage 2
+    assert f"n_groups={n_groups}" in message and f"{N_USERS} users" in message
+    assert not list(Path(keys["checkpoint_dir"]).glob("PerPEFT-*"))  # refused before stage 1 trained

@@ -10,6 +10,7 @@ from __future__ import annotations
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model
 
 from recbole_perpeft.adapters.moda import MoDAConfig
+from recbole_perpeft.adapters.side_network import SIDE_PEFT_TYPES
 
 # peft's methods plus ours; MoDAConfig is a LoraConfig, so peft itself knows it as LORA.
 CONFIG_CLASSES = {**PEFT_TYPE_TO_CONFIG_MAPPING, "MODA": MoDAConfig}
@@ -35,8 +36,8 @@ def build_peft_config(peft_type: str, model_type: str | None, overrides: dict | 
     key = str(peft_type).upper()
     if key not in CONFIG_CLASSES:
         raise ValueError(
-            f"peft_type '{peft_type}' is not a peft method; choose one of "
-            f"{', '.join(sorted(CONFIG_CLASSES))} (or use the FrozenMM model for none)."
+            f"peft_type '{peft_type}' is unknown; choose a side network ({', '.join(SIDE_PEFT_TYPES)}) or a peft "
+            f"method ({', '.join(sorted(CONFIG_CLASSES))}), or use the FrozenMM model for none."
         )
     kwargs = dict(DEFAULT_TARGETS.get(key, {}).get(model_type, {}))
     kwargs.update(overrides or {})

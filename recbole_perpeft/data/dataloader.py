@@ -72,6 +72,14 @@ class UserSequenceDataLoader(AbstractDataLoader):
         batch.update(Interaction({NEG_LIST: self._sampler.sample(history, batch[self.seq_field].shape[1])}))
         return batch
 
+    def state_dict(self) -> dict:
+        """The random state a resumed run needs to draw the same batches and negatives (see resume.py)."""
+        return {"generator": self.generator.get_state(), "sampler": self._sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._sampler.load_state_dict(state["sampler"])
+
 
 class GroupBatchSampler(torch.utils.data.Sampler):
     """Lists of row indices, each of at most ``batch_size`` rows of one group.
@@ -162,6 +170,13 @@ class GroupedUserSequenceDataLoader(UserSequenceDataLoader):
         super()._init_batch_size_and_step()
         if hasattr(self, "group_batch_sampler"):  # update_config after construction
             self.group_batch_sampler.batch_size = self.step
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "batch_epoch": self.group_batch_sampler.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.group_batch_sampler.epoch = int(state["batch_epoch"])
 
     def collate_fn(self, index):
         groups = np.unique(self.row_group[np.asarray(index)])

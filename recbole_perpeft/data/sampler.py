@@ -26,6 +26,12 @@ class SequenceNegativeSampler:
         ``group`` is accepted and ignored, so a loader can call every sampler the same way."""
         return torch.from_numpy(self._draw(self._excluded(history), self.candidates, num)).long()
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
     def _excluded(self, history: torch.Tensor) -> np.ndarray:
         """[B, n_items] bool: True where the item is padding (0) or in that row's history."""
         hist = history.numpy()

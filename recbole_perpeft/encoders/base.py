@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 
@@ -106,6 +107,16 @@ class FoundationModel(nn.Module):
         raise NotImplementedError
 
     def train(self, mode: bool = True):
-        # The foundation is frozen: always in eval mode (no dropout, no batch-norm statistics
-        # updates), so features computed once and cached equal the ones computed in a batch.
-        return super().train(False)
+        """The frozen foundation stays in eval mode: its own dropout is off and batch-norm statistics
+        stay fixed, so features computed once and cached equal the ones computed in a batch, and the
+        pretrained model is used as it was trained to be used. The adapters peft injects into it
+        (their dropout, e.g. ``lora_dropout``) follow ``mode``: that dropout is a training setting of
+        the adapter, asked for in ``peft_config``."""
+        super().train(False)
+        if mode:
+            for module in self.modules():
+                if isinstance(module, BaseTunerLayer):
+                    for name, child in module.named_children():
+                        if name != "base_layer":
+                            child.train(True)
+        return self

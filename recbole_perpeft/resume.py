@@ -1,0 +1,219 @@
+"""Resume that reproduces: a run killed at any point and resumed with ``--resume`` ends with the same
+``best_valid_result`` and ``test_result`` as the uninterrupted run (bit for bit on CPU).
+
+RecBole's checkpoint holds the weights, the optimizer and the epoch; resuming from it replays the
+seeded random streams from their start, so the resumed epochs see other batches and negatives. Every
+checkpoint we write (the best-validation one, and ``<best>-last.pth`` rewritten at the start of every
+epoch and at the end of training, so a kill loses at most one epoch) also holds:
+
+* the random states (python, numpy's global one, torch's CPU and CUDA ones),
+* the training loader's state (its torch generator; our loaders add their negative sampler's numpy
+  generator and the group batch sampler's epoch counter, see ``loader_state``),
+* the best-so-far record (``best_valid_result``), the early-stopping counter, whether training
+  stopped early, and the seconds of every epoch so far (the resumed result JSON stays complete).
+
+Everything is a tensor or a plain Python value: the files load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from time import time
+
+import numpy as np
+import torch
+
+LAST_SUFFIX = "-last"
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; ``checkpoint`` is the file to resume from (None: nothing saved yet)."""
+
+    def __init__(self, checkpoint: str | None):
+        self.checkpoint = checkpoint
+        super().__init__(checkpoint)
+
+
+def last_checkpoint_path(best_file: str) -> str:
+    stem, ext = os.path.splitext(best_file)
+    return f"{stem}{LAST_SUFFIX}{ext}"
+
+
+def best_checkpoint_path(path: str) -> str:
+    """The best-validation checkpoint of ``path`` (itself, or the file a ``-last`` file belongs to)."""
+    stem, ext = os.path.splitext(path)
+    return stem.removesuffix(LAST_SUFFIX) + ext if stem.endswith(LAST_SUFFIX) else path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)``, with one clear line for a file that is not a whole checkpoint."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        reason = str(err).splitlines()[0][:200]
+        raise ValueError(
+            f"Checkpoint {path} cannot be read ({type(err).__name__}: {reason}): it is truncated, corrupt or not "
+            "a recbole_perpeft checkpoint. Resume from another one (the run's -last.pth or best .pth), or start anew."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"Checkpoint {path} is not a training checkpoint (no state_dict): give a .pth a run wrote.")
+    return checkpoint
+
+
+def resume_source(path: str) -> str:
+    """The file to resume from: the later of the best checkpoint and its ``-last`` companion."""
+    best = best_checkpoint_path(path)
+    last = last_checkpoint_path(best)
+    if not os.path.isfile(last):
+        return path
+    if not os.path.isfile(best):
+        return last
+    # -last is rewritten at the start of every epoch and at the end; the best file only on improvement.
+    return last if load_checkpoint(last)["epoch"] >= load_checkpoint(best)["epoch"] else best
+
+
+# --- random states -------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def loader_state(loader) -> dict:
+    """A training loader's random state: its own ``state_dict()`` if it has one, else its generator
+    (RecBole's loaders: their samplers draw from numpy's global state, saved by :func:`rng_state`)."""
+    if hasattr(loader, "state_dict"):
+        return loader.state_dict()
+    return {"generator": loader.generator.get_state()}
+
+
+def set_loader_state(loader, state: dict) -> None:
+    if hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(state)
+    else:
+        loader.generator.set_state(state["generator"])
+
+
+# --- the trainer side ------------------------------------------------------------------------------------
+
+
+class ResumableTrainerMixin:
+    """Mixed into a RecBole trainer (before :class:`~recbole_perpeft.compat.SafeCheckpointMixin`):
+    checkpoints that hold the whole training state, a ``-last`` checkpoint every epoch, a resume that
+    restores all of it, and Ctrl-C turned into :class:`TrainingInterrupted` naming the file to resume."""
+
+    def __init__(self, config, model):
+        self.epoch_seconds: list[float] = []
+        self.stopped_early = False
+        self._train_data = None
+        self._pending_loader_state = None
+        self._latest_valid = None
+        self._saving = False
+        self._last_epoch = -1
+        super().__init__(config, model)
+
+    @property
+    def last_model_file(self) -> str:
+        return last_checkpoint_path(self.saved_model_file)
+
+    def _checkpoint_state(self, epoch: int) -> dict:
+        state = super()._checkpoint_state(epoch)
+        best_result = self.best_valid_result
+        if self._latest_valid is not None and self._latest_valid[0] == self.best_valid_score:
+            best_result = self._latest_valid[1]  # RecBole saves before it records the new best result
+        state.update(
+            best_valid_result=None if best_result is None else {k: float(v) for k, v in best_result.items()},
+            stopped_early=bool(self.stopped_early),
+            epoch_seconds=list(self.epoch_seconds),
+            rng_state=rng_state(),
+        )
+        if self._train_data is not None:
+            state["loader_state"] = loader_state(self._train_data)
+        return state
+
+    def _save_last(self, epoch: int) -> None:
+        self._save_checkpoint(epoch, verbose=False, saved_model_file=self.last_model_file)
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        self._latest_valid = super()._valid_epoch(valid_data, show_progress=show_progress)
+        return self._latest_valid
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self._saving and epoch_idx > self.start_epoch:
+            # The previous epoch and its validation are done: what a resume needs to go on from here.
+            self._save_last(epoch_idx - 1)
+        start = time()
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        self.epoch_seconds.append(time() - start)
+        self._last_epoch = epoch_idx
+        return loss
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._train_data, self._saving = train_data, saved
+        if self._pending_loader_state is not None:
+            set_loader_state(train_data, self._pending_loader_state)
+            self._pending_loader_state = None
+        if self.stopped_early or self.start_epoch >= self.epochs:
+            # Nothing left to train. (RecBole's fit would write the current weights over the best checkpoint.)
+            self.logger.info(f"Training had already ended at epoch {self.start_epoch - 1}; nothing to resume.")
+            return self.best_valid_score, self.best_valid_result
+        try:
+            result = super().fit(train_data, valid_data, verbose=verbose, saved=saved,
+                                 show_progress=show_progress, callback_fn=callback_fn)  # fmt: skip
+        except KeyboardInterrupt:
+            candidates = [self.last_model_file, self.saved_model_file] if saved else []
+            raise TrainingInterrupted(next((f for f in candidates if os.path.isfile(f)), None)) from None
+        self.stopped_early = self._last_epoch < self.epochs - 1
+        if saved:
+            self._save_last(self._last_epoch)
+        return result
+
+    def resume_checkpoint(self, resume_file):
+        resume_file = str(resume_file)
+        source = resume_source(resume_file)
+        checkpoint = load_checkpoint(source, map_location=self.device)
+        self.saved_model_file = best_checkpoint_path(resume_file)
+        if checkpoint["config"]["model"].lower() != self.config["model"].lower():
+            raise ValueError(
+                f"--resume={resume_file} is a {checkpoint['config']['model']} checkpoint, not {self.config['model']}."
+            )
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if "rng_state" not in checkpoint:
+            self.logger.warning(
+                f"{source} holds no random state (written by an older version): training resumes from epoch "
+                f"{self.start_epoch}, but will not reproduce the uninterrupted run."
+            )
+        else:
+            self.best_valid_result = checkpoint["best_valid_result"]
+            self.stopped_early = checkpoint["stopped_early"]
+            self.epoch_seconds = list(checkpoint["epoch_seconds"])
+            set_rng_state(checkpoint["rng_state"])
+            self._pending_loader_state = checkpoint.get("loader_state")
+        self.logger.info(f"Checkpoint {source} loaded. Resume training from epoch {self.start_epoch}.")
