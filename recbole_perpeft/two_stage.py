@@ -80,6 +80,7 @@ class TwoStageRun:
         self.stage1_file = checkpoint_path(config, f"{self.model_name}-stage1-GlobalPEFT")
         self.stage2_file = checkpoint_path(config, f"{self.model_name}-stage2")
         self.seconds = {}
+        self.global_checkpoint = None  # set by stage 1 (or read back when stage 2 resumes)
         # Settings that would only fail after stage 1 has trained are checked now.
         n_users = len(np.unique(self.train_dataset.inter_feat[self.train_dataset.uid_field].numpy()))
         check_grouping(config["n_groups"], config["grouping_method"], n_users)

@@ -20,6 +20,7 @@ MODELS = {
     "GroupLevel1": "recbole_perpeft.model.sequential_recommender.grouplevel1",
     "GroupLevel2": "recbole_perpeft.model.sequential_recommender.grouplevel2",
     "LargeGlobalPEFT": "recbole_perpeft.model.sequential_recommender.largeglobalpeft",
+    "SharedGroupPEFT": "recbole_perpeft.model.sequential_recommender.sharedgrouppeft",
 }
 
 

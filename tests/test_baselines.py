@@ -471,3 +471,39 @@ def test_yaml_lineage_gives_group_models_the_shared_two_stage_keys(env):
     assert configs["GroupLevel1"]["group_negatives"] is False and configs["GroupLevel2"]["group_negatives"] is False
     large = Config(model="LargeGlobalPEFT", dataset=DATASET, config_dict=keys)
     assert large["n_groups"] == 8 and large["stage1_epochs"] is None
+
+
+# --- SharedGroupPEFT: PerPEFT's stage-2 batches and negatives, one shared adapter (a control) ----------------
+
+
+def test_shared_group_peft_continues_the_global_model_on_group_batches_with_group_negatives(env, tmp_path):
+    from recbole_perpeft.data.sampler import GroupNegativeSampler
+    from recbole_perpeft.model.sequential_recommender.perpeft import PerPEFT
+
+    loaders = []
+
+    class SpyLoader(GroupedUserSequenceDataLoader):
+        def __iter__(self):
+            loaders.append(self)
+            return super().__iter__()
+
+    config = stage_config(Config(model="SharedGroupPEFT", dataset=DATASET, config_dict=env.config_dict),
+                          "SharedGroupPEFT", 1)  # fmt: skip
+    assert config["group_negatives"] is True  # its YAML
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(two_stage, "GroupedUserSequenceDataLoader", SpyLoader)
+        init_seed(config["seed"], True)
+        run_ = TwoStageRun(config, env.train_data, env.valid_data, env.test_data)
+        model, trainer, _, best_valid, _ = run_.stage2(env.global_model.state_dict(), env.groups, None)
+    assert type(model).__name__ == "SharedGroupPEFT" and not isinstance(model, PerPEFT)
+    assert set(best_valid) == METRICS
+    loader = loaders[0]
+    assert isinstance(loader._sampler, GroupNegativeSampler)  # PerPEFT's negatives
+    for batch in loader:
+        assert batch["group_id"].unique().numel() == 1  # PerPEFT's group-homogeneous batches
+    # One adapter: the same names and shapes as GlobalPEFT's, and it moved in training.
+    global_state, state = env.global_model.state_dict(), model.state_dict()
+    assert state.keys() == global_state.keys()
+    adapters = [k for k in state if "lora_" in k]
+    assert adapters and any(not torch.equal(state[k], global_state[k]) for k in adapters)
+    assert not any(".group" in k for k in adapters)
