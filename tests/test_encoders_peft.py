@@ -60,7 +60,8 @@ def dataset_keys(tmp_path_factory):
 def make_config(tmp_path, dataset_keys, tiny_clip):
     def make(foundation="clip", **overrides):
         keys = {**dataset_keys, "foundation_model": foundation, "clip_path": tiny_clip.path}
-        return quick_config(tmp_path, **keys, **overrides)
+        keys.update({"topk": [5, 10], "valid_metric": "hit@10", **overrides})  # 25 items: top-30 is refused
+        return quick_config(tmp_path, **keys)
 
     return make
 

@@ -8,6 +8,7 @@ from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation as recbole_data_preparation
 from recbole.utils import ModelType
 
+from recbole_perpeft.data.checks import check_enough_items
 from recbole_perpeft.data.dataloader import UserSequenceDataLoader
 from recbole_perpeft.data.dataset import MultimodalSequentialDataset
 from recbole_perpeft.data.sampler import SequenceNegativeSampler
@@ -25,7 +26,11 @@ def create_dataset(config):
 
 def data_preparation(config, dataset, model_class=None):
     """RecBole's split and evaluation loaders; models that declare ``one_sequence_per_user`` train
-    on :class:`UserSequenceDataLoader` instead of RecBole's every-prefix loader."""
+    on :class:`UserSequenceDataLoader` instead of RecBole's every-prefix loader.
+
+    Refuses (ValueError), before any training, a dataset with fewer items than the largest top-k,
+    which RecBole's evaluation would only crash on after the first epoch."""
+    check_enough_items(config, dataset)
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
     if getattr(model_class, "one_sequence_per_user", False):
         train_dataset = train_data._dataset
