@@ -24,7 +24,7 @@ from PIL import Image
 
 from recbole_perpeft.data import modality_store
 from recbole_perpeft.data.cache_files import atomic_output, build_lock, lock_path, temp_path
-from recbole_perpeft.data.modality_store import IMAGE_DECODING, gather_rows, load_image
+from recbole_perpeft.data.modality_store import IMAGE_DECODING, gather_rows, load_image, resize_and_crop
 from recbole_perpeft.encoders.hidden_states import layer_states_path, load_layer_states
 from tests.test_hidden_states import make_store
 from tests.tiny import POSTERS_DIR
@@ -397,14 +397,7 @@ def test_images_over_pils_limit_are_missing_with_a_warning(tmp_path, caplog, mon
 def full_decode(path, size) -> np.ndarray:
     """load_image before reduced-scale decoding: the whole file, resized."""
     with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        return resize_and_crop(img, size)
 
 
 @pytest.mark.skipif(not POSTERS_DIR.is_dir(), reason=f"optional real posters not present at {POSTERS_DIR}")

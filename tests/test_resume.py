@@ -6,12 +6,8 @@ peft family (LoRA) and a side network (IISAN), on a tiny CLIP."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ import torch
 import yaml
 
 from recbole_perpeft.resume import best_checkpoint_path, load_checkpoint
-from tests.tiny import REPO_ROOT, RUN_SCRIPT, make_atomic_dataset, make_tiny_clip, quick_config
+from tests.tiny import finish, interrupt_after, make_atomic_dataset, make_tiny_clip, quick_config, start
 
 DATASET = "resume"
 pytestmark = pytest.mark.slow
@@ -38,31 +34,6 @@ def config_file(tmp_path_factory) -> Path:
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(keys))
     return path
-
-
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, str(RUN_SCRIPT), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def interrupt_after(proc: subprocess.Popen, checkpoint_dir: Path, pattern: str, epoch: int, sig) -> None:
-    """Send ``sig`` as soon as a ``pattern`` -last checkpoint records ``epoch`` done: the run is then
-    inside epoch ``epoch + 1`` (or its validation)."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
-        for path in checkpoint_dir.glob(pattern):
-            if load_checkpoint(str(path))["epoch"] >= epoch:  # written aside and renamed: never half a file
-                proc.send_signal(sig)
-                return
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared in time")
 
 
 CASES = {
@@ -84,28 +55,28 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_result(case, config_
     common = [*model_args, f"--dataset={DATASET}", f"--config_files={config_file}"]
 
     plain = finish(start([*common, f"--checkpoint_dir={tmp_path / 'plain'}",
-                          f"--result_file={tmp_path / 'plain.json'}"], tmp_path))  # fmt: skip
-    assert plain.returncode == 0, plain.stderr[-4000:]
+                          f"--result_file={tmp_path / 'plain.json'}"], tmp_path, tmp_path / "plain.log"))  # fmt: skip
+    assert plain.returncode == 0, plain.stdout[-4000:]
 
     first_dir = tmp_path / "killed"
     args = [*common, f"--checkpoint_dir={first_dir}", f"--result_file={tmp_path / 'resumed.json'}"]
-    proc = start(args, tmp_path)
+    proc = start(args, tmp_path, tmp_path / "killed.log")
     interrupt_after(proc, first_dir, pattern, epoch, sig)
     killed = finish(proc)
     assert not (tmp_path / "resumed.json").exists()
     if sig == signal.SIGINT:
         # Ctrl-C: exit status 130 and one line (no traceback) saying how to resume.
-        assert killed.returncode == 130, killed.stderr[-4000:]
-        assert "Traceback" not in killed.stderr
-        line = killed.stderr.strip().splitlines()[-1]
+        assert killed.returncode == 130, killed.stdout[-4000:]
+        assert "Traceback" not in killed.stdout
+        line = killed.stdout.strip().splitlines()[-1]
         resume_file = re.search(r"--resume=(\S+)$", line).group(1)
         assert line.startswith("interrupted: resume with") and resume_file.endswith("-last.pth")
     else:
         assert killed.returncode == -signal.SIGKILL
         # The best checkpoint, as a user finds it in the log ("Saving current: ..."); its -last file is used.
         resume_file = best_checkpoint_path(str(next(first_dir.glob(pattern))))
-    resumed = finish(start([*args, f"--resume={resume_file}"], tmp_path))
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed = finish(start([*args, f"--resume={resume_file}"], tmp_path, tmp_path / "resumed.log"))
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
 
     expected = json.loads((tmp_path / "plain.json").read_text())
     got = json.loads((tmp_path / "resumed.json").read_text())

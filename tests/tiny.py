@@ -8,9 +8,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -244,6 +246,45 @@ def run_script(args, cwd, timeout=600):
     return subprocess.run(
         [sys.executable, str(RUN_SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(args: list[str], cwd, log) -> subprocess.Popen:
+    """``run_recbole_perpeft.py ARGS`` started in a subprocess (offline), stdout and stderr to the file
+    ``log`` (a pipe nobody reads while the run goes on could fill up and stall it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    with open(log, "w") as out:
+        # Ctrl-C acts as at a terminal even where this process was started in the background (a
+        # non-interactive shell's `&` ignores SIGINT, and children inherit that).
+        proc = subprocess.Popen([sys.executable, str(RUN_SCRIPT), *args], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)  # fmt: skip
+    proc.log = Path(log)
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Wait for a :func:`start` ed run; ``stdout`` holds its whole output."""
+    proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.log.read_text(), "")
+
+
+def interrupt_after(proc: subprocess.Popen, checkpoint_dir, pattern: str, epoch: int, sig) -> None:
+    """Send ``sig`` as soon as a ``pattern`` -last checkpoint records ``epoch`` done: the run is then
+    inside epoch ``epoch + 1`` (or its validation)."""
+    import torch
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.log.read_text()[-3000:]
+        for path in Path(checkpoint_dir).glob(pattern):
+            if torch.load(path, weights_only=True)["epoch"] >= epoch:  # written aside and renamed: never half a file
+                proc.send_signal(sig)
+                return
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared in time")
 
 
 def load_entry_point():

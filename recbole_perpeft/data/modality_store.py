@@ -58,14 +58,19 @@ def load_image(path: str, size: int) -> np.ndarray:
     with _open_image(path) as img:
         img.draft("RGB", (DRAFT_GAP * size, DRAFT_GAP * size))
         _check_pixel_count(img, path)
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+        return resize_and_crop(img, size)
+
+
+def resize_and_crop(img: Image.Image, size: int) -> np.ndarray:
+    """RGB, shorter side resized to ``size`` (bicubic), centre-cropped: uint8 [3, size, size]."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def _open_image(path: str) -> Image.Image:
