@@ -13,7 +13,7 @@ Runs go seed by seed, the models of a seed in the given order.
   comparison continues where it stopped when the same command is run again. Delete the file (or the folder)
   to redo a run, e.g. after changing an override (a reused run whose config differs from an override is
   reported).
-- Two-stage models (class attribute ``grouped = True``: PerPEFT and the group-level baselines) share one
+- Two-stage models (those with ``load_global``: PerPEFT, SharedGroupPEFT and the group-level baselines) share one
   stage 1 per seed: the first grouped model of a seed trains GlobalPEFT, and its ``global_checkpoint`` is
   passed as ``global_checkpoint`` to the seed's later grouped models (unless ``--global_checkpoint`` is given,
   which then holds for all of them).
@@ -27,23 +27,31 @@ Runs go seed by seed, the models of a seed in the given order.
   and ``<stem>.md``: a Markdown table (metrics x100, ``mean (std)``, best mean per column in bold, ``†`` where
   the reference differs with p < 0.05) and a table of the p-values; the Markdown is printed too.
 
-:func:`aggregate`, :func:`paired_ttest`, :func:`ttest_p_values` and :func:`render_markdown` are pure
-functions of result dictionaries (no training)."""
+The statistics (mean, std, t-tests) and the JSON and Markdown report are pure functions of result
+dictionaries, in recbole_perpeft/compare_report.py (re-exported here)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import warnings
 from pathlib import Path
 
-import numpy as np
+from recbole_perpeft.compare_report import (  # noqa: F401 - re-exported: callers import them from here too
+    MARKER,
+    METRIC_ORDER,
+    PAPER_METRICS,
+    SIGNIFICANCE,
+    aggregate,
+    common_metrics,
+    mean_std,
+    paired_ttest,
+    render_markdown,
+    summarise,
+    table_header,
+    ttest_p_values,
+    write_report,
+)
 
-PAPER_METRICS = ("hit@20", "hit@30", "ndcg@20", "ndcg@30")
-METRIC_ORDER = ("hit", "ndcg")  # then any other metric, alphabetically
-SIGNIFICANCE = 0.05
-MARKER = "†"
 DEFAULT_SEEDS = 1  # a comparison without --seeds: each model once, with the config's seed
 
 
@@ -134,184 +142,11 @@ def run_file(runs_dir, model: str, seed: int) -> Path:
 
 
 def is_grouped(model: str) -> bool:
-    """Two-stage model (trains or loads a GlobalPEFT first)? Unknown names raise ValueError."""
+    """Does the model start from a trained GlobalPEFT (``load_global``: PerPEFT, the group-level baselines,
+    SharedGroupPEFT), so that it can take a seed's shared ``global_checkpoint``? Unknown names raise ValueError."""
     from recbole_perpeft.utils import get_model
 
-    return bool(getattr(get_model(model), "grouped", False))
-
-
-# --- aggregation, t-test, Markdown (pure) ----------------------------------------------------------------------
-
-
-def _metric_key(metric: str):
-    name, _, k = metric.partition("@")
-    rank = METRIC_ORDER.index(name) if name in METRIC_ORDER else len(METRIC_ORDER)
-    return rank, name, int(k) if k.isdigit() else math.inf, metric
-
-
-def common_metrics(test_results) -> list[str]:
-    """``metric@k`` keys present in every test result, hit then ndcg then others, by k.
-
-    ``test_results``: {model: {seed: {metric: value}}}."""
-    key_sets = [
-        {m for m, v in result.items() if "@" in m and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for per_seed in test_results.values()
-        for result in per_seed.values()
-    ]
-    if not key_sets:
-        raise ValueError("no results to compare.")
-    metrics = set.intersection(*key_sets)
-    if not metrics:
-        raise ValueError("the runs have no metric@k test metric in common.")
-    return sorted(metrics, key=_metric_key)
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        raise ValueError("mean_std of no values.")
-    std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
-    return float(np.mean(values)), std
-
-
-def aggregate(test_results, metrics=None, seeds=None) -> dict:
-    """{model: {seed: test_result}} -> {model: {metric: {mean, std, per_seed}}}.
-
-    ``per_seed`` follows ``seeds`` (default: each model's seeds in their order), skipping seeds a model
-    lacks; ``metrics`` default: :func:`common_metrics`."""
-    metrics = list(metrics) if metrics is not None else common_metrics(test_results)
-    summary = {}
-    for model, per_seed in test_results.items():
-        order = [s for s in seeds if s in per_seed] if seeds is not None else list(per_seed)
-        summary[model] = {}
-        for metric in metrics:
-            values = [float(per_seed[s][metric]) for s in order]
-            mean, std = mean_std(values)
-            summary[model][metric] = {"mean": mean, "std": std, "per_seed": values}
-    return summary
-
-
-def paired_ttest(a, b) -> float:
-    """Two-sided p-value of scipy's paired t-test; NaN with fewer than two pairs or identical values."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired t-test needs the same number of values, got {a.size} and {b.size}.")
-    if a.size < 2 or np.array_equal(a, b):
-        return math.nan
-    from scipy.stats import ttest_rel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # constant differences: scipy warns, t is +-inf
-        return float(ttest_rel(a, b).pvalue)
-
-
-def ttest_p_values(test_results, reference: str, metrics=None) -> dict:
-    """{model: {metric: p}} of ``reference`` against every other model, paired by the seeds both ran."""
-    if reference not in test_results:
-        raise ValueError(f"--ttest={reference}: not one of the compared models ({', '.join(test_results)}).")
-    metrics = list(metrics) if metrics is not None else common_metrics(test_results)
-    ref = test_results[reference]
-    p_values = {}
-    for model, per_seed in test_results.items():
-        if model == reference:
-            continue
-        paired = [s for s in ref if s in per_seed]
-        p_values[model] = {
-            metric: paired_ttest([ref[s][metric] for s in paired], [per_seed[s][metric] for s in paired])
-            for metric in metrics
-        }
-    return p_values
-
-
-def _format_p(p) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "n/a"
-    text = "<0.001" if p < 0.001 else f"{p:.3f}"
-    return f"{text} {MARKER}" if p < SIGNIFICANCE else text
-
-
-def _significant(p) -> bool:
-    return p is not None and not (isinstance(p, float) and math.isnan(p)) and p < SIGNIFICANCE
-
-
-def table_header(metrics) -> list[str]:
-    return ["| Model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-
-
-def render_markdown(summary: dict) -> str:
-    """The comparison JSON (:func:`summarise`'s dict) as Markdown: metrics x100 with 2 decimals,
-    ``mean (std)``, the best mean per column in bold, ``†`` on a model's cell where the paired t-test
-    against the reference gives p < 0.05, then the p-values."""
-    models, metrics, results = summary["models"], summary["metrics"], summary["results"]
-    seeds = summary.get("seeds", [])
-    ttest = summary.get("ttest") or {}
-    reference, p_values = ttest.get("reference"), ttest.get("p_values") or {}
-
-    def shown(value):
-        return f"{value * 100:.2f}"
-
-    best = {metric: max(results[m][metric]["mean"] for m in models) for metric in metrics}
-    lines = [
-        f"Test metrics on {summary.get('dataset')} (x100): mean (std) over {len(seeds)} seed"
-        f"{'s' if len(seeds) != 1 else ''} ({', '.join(str(s) for s in seeds)}); best mean in bold.",
-        "",
-        *table_header(metrics),
-    ]
-    for model in models:
-        cells = []
-        for metric in metrics:
-            entry = results[model][metric]
-            mean = shown(entry["mean"])
-            if mean == shown(best[metric]):
-                mean = f"**{mean}**"
-            cell = f"{mean} ({shown(entry['std'])})"
-            if _significant(p_values.get(model, {}).get(metric)):
-                cell += MARKER
-            cells.append(cell)
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    if reference is not None:
-        lines += [
-            "",
-            f"{MARKER} p < {SIGNIFICANCE} in a paired t-test against {reference} over the seeds. "
-            f"p-values vs {reference}:",
-            "",
-            *table_header(metrics),
-        ]
-        for model in models:
-            if model == reference or model not in p_values:
-                continue
-            lines.append(
-                f"| {model} | " + " | ".join(_format_p(p_values[model].get(metric)) for metric in metrics) + " |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def _nan_to_none(value):
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def summarise(dataset, models, seeds, test_results, reference=None, runs=None, metrics=None) -> dict:
-    """The comparison's JSON payload from {model: {seed: test_result}} (pure; NaN p-values -> None)."""
-    reference = reference or models[-1]
-    metrics = list(metrics) if metrics is not None else common_metrics(test_results)
-    return _nan_to_none(
-        {
-            "dataset": dataset,
-            "seeds": list(seeds),
-            "models": list(models),
-            "metrics": metrics,
-            "runs": {m: {str(s): str(p) for s, p in (runs or {}).get(m, {}).items()} for m in models},
-            "results": aggregate({m: test_results[m] for m in models}, metrics, seeds),
-            "ttest": {"reference": reference, "p_values": ttest_p_values(test_results, reference, metrics)},
-        }
-    )
+    return callable(getattr(get_model(model), "load_global", None))
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -432,10 +267,7 @@ def compare(
             test_results[model][seed] = result["test_result"]
 
     summary = summarise(dataset, models, seed_list, test_results, reference=reference, runs=runs)
-    markdown = render_markdown(summary)
-    quick_start.write_json(str(result_file), summary)
-    markdown_file.parent.mkdir(parents=True, exist_ok=True)
-    markdown_file.write_text(markdown)
+    markdown = write_report(summary, result_file, markdown_file)
     print("\n" + markdown, flush=True)
     print(f"[compare] written {result_file} and {markdown_file}", flush=True)
     return summary

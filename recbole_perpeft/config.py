@@ -1,7 +1,8 @@
 """RecBole's Config, aware of our models and our property files.
 
 Order of precedence (lowest first): RecBole's own property files, ours
-(``properties/overall.yaml``, ``properties/model/<model>.yaml``, ``properties/dataset/<dataset>.yaml``),
+(``properties/overall.yaml``, ``properties/model/<model>.yaml`` along the class MRO,
+``properties/backbone/<backbone>.yaml``, ``properties/dataset/<dataset>.yaml``),
 the user's ``config_file_list``, then ``config_dict`` (the entry point puts the command line there).
 """
 
@@ -18,10 +19,13 @@ import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_perpeft.compat import check_environment
+from recbole_perpeft.property_files import PROPERTIES_DIR
 from recbole_perpeft.utils import get_model
 
-PROPERTIES_DIR = Path(__file__).resolve().parent / "properties"  # package data (setup.cfg)
 MODALITIES = ("text", "image")
+# Property folders of components a run chooses by a key: properties/<folder>/<value of key>.yaml is layered
+# over the model's YAMLs and under the dataset's.
+COMPONENT_FILES = (("backbone", "backbone"),)
 # Keys a user may set for their own code (or "*" for any): not refused as unknown.
 EXTRA_KEYS = "extra_keys"
 # Keys RecBole's Config sets itself or reads off the command line, not from any YAML or config[...] read.
@@ -122,30 +126,29 @@ class Config(RecBoleConfig):
         # A model's YAML extends its parents' (FrozenMM.yaml only says what differs from GlobalPEFT.yaml).
         lineage = [c.__name__ for c in reversed(model_class.__mro__) if c.__module__.startswith("recbole_perpeft")]
         model_files = [PROPERTIES_DIR / "model" / f"{name}.yaml" for name in lineage or [model]]
-        for path in [PROPERTIES_DIR / "overall.yaml", *model_files, PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"]:
+        for path in [PROPERTIES_DIR / "overall.yaml", *model_files]:
             if path.is_file():
-                loaded = self._update_internal_config_dict(str(path)) or {}
-                if path.parent.name == "dataset":
-                    self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+                self._update_internal_config_dict(str(path))
+        # Then the chosen components' own files (a backbone's keys, e.g. LightGCN's learning rate), which
+        # the model's YAML names a default for and the user may choose otherwise.
+        for folder, key in COMPONENT_FILES:
+            chosen = self.external_config_dict.get(key, self.internal_config_dict.get(key))
+            path = PROPERTIES_DIR / folder / f"{chosen}.yaml"
+            if chosen is not None and path.is_file():
+                self._update_internal_config_dict(str(path))
+        path = PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"
+        if path.is_file():
+            loaded = self._update_internal_config_dict(str(path)) or {}
+            self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
         if self.internal_config_dict.get("loss_type") == "CE":
             # RecBole's CE models (SASRec, BERT4Rec, GRU4Rec, ...) score all items: no sampled negatives.
             self.internal_config_dict["train_neg_sample_args"] = None
 
     def _set_default_parameters(self):
+        # The atomic files are not looked for here: a known dataset is prepared (downloaded) on first use by
+        # recbole_perpeft.data.create_dataset, so building a Config (e.g. only to read its seed) never downloads.
         data_root = self.final_config_dict["data_path"]
-        super()._set_default_parameters()
-        data_path = self.final_config_dict["data_path"]
-        inter_file = os.path.join(data_path, f"{self.dataset}.inter")
-        if not os.path.isfile(inter_file):
-            # Known datasets (Amazon 2023, importable layouts) are prepared on first use.
-            from recbole_perpeft.data.prepare import ensure_atomic_files  # only needed when files are missing
-
-            if not ensure_atomic_files(self.final_config_dict):
-                raise FileNotFoundError(
-                    f"Dataset '{self.dataset}' not found: no atomic file {inter_file}. Put RecBole atomic "
-                    f"files ({self.dataset}.inter, {self.dataset}.item) in {data_path}, or set --data_path; "
-                    "dataset/README.md lists the datasets we know and how to get them."
-                )
+        super()._set_default_parameters()  # data_path becomes <data_path>/<dataset>
         if self.final_config_dict.get("image_dir") is None:
             self.final_config_dict["image_dir"] = os.path.join(data_root, self.dataset, "images")
 
@@ -155,7 +158,7 @@ class Config(RecBoleConfig):
         length = cfg.get("MAX_ITEM_LIST_LENGTH")
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"MAX_ITEM_LIST_LENGTH must be a positive integer (items per sequence), got {length!r}.")
-        for key in ("peft_config", "peft_defaults"):
+        for key in ("peft_config", "peft_defaults", "peft_targets"):
             if cfg.get(key) is not None and not isinstance(cfg[key], dict):
                 raise ValueError(f"{key} must be a mapping such as {{r: 8, lora_dropout: 0.1}}, got {cfg[key]!r}.")
         ratio = cfg.get("user_sample_ratio")

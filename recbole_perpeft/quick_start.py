@@ -48,12 +48,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     train_data, valid_data, test_data = data_preparation(config, dataset, model_class)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    if getattr(model_class, "grouped", False):
-        from recbole_perpeft.two_stage import TwoStageRun
-
-        outcome = TwoStageRun(config, train_data, valid_data, test_data, saved=saved).run(resume)
-    else:
-        outcome = train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume)
+    outcome = train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume)
     logger.info(set_color("best valid ", "yellow") + f": {outcome['best_valid_result']}")
     logger.info(set_color("test result", "yellow") + f": {outcome['test_result']}")
     result = {"model": config["model"], "dataset": config["dataset"], "config": config.final_config_dict, **outcome}
@@ -64,7 +59,8 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
 
 
 def train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume) -> dict:
-    """One model, one stage: RecBole's fit (best validation checkpoint) and test."""
+    """RecBole's fit (best validation checkpoint) and test, with the model's trainer from the registry
+    (two-stage models get TwoStageTrainer, whose ``extra_result`` adds the groups and stage timings)."""
     logger = getLogger()
     model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
@@ -81,7 +77,7 @@ def train_and_evaluate(config, model_class, train_data, valid_data, test_data, s
     train_seconds = time() - start
     start = time()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
-    return {
+    outcome = {
         "best_valid_score": best_valid_score,
         "best_valid_result": best_valid_result,
         "test_result": test_result,
@@ -93,3 +89,7 @@ def train_and_evaluate(config, model_class, train_data, valid_data, test_data, s
         },
         "checkpoint": trainer.saved_model_file if saved else None,
     }
+    extra = getattr(trainer, "extra_result", {})
+    if "seconds" in extra:
+        extra["seconds"]["eval"] = outcome["seconds"]["eval"]
+    return {**outcome, **extra}

@@ -1,8 +1,11 @@
-"""Model/trainer registry (ours first, then RecBole's) and parameter accounting."""
+"""Model/trainer lookup (ours first, then RecBole's) and parameter accounting."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import pkgutil
 
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
@@ -10,44 +13,87 @@ from recbole.utils import get_trainer as recbole_get_trainer
 from recbole_perpeft.compat import with_safe_checkpoints
 from recbole_perpeft.resume import ResumableTrainerMixin
 
-# name -> module path, so `--model=X` does not import every model (and its encoders) to find one.
-MODELS = {
-    "GlobalPEFT": "recbole_perpeft.model.sequential_recommender.globalpeft",
-    "FrozenMM": "recbole_perpeft.model.sequential_recommender.frozenmm",
-    "PerPEFT": "recbole_perpeft.model.sequential_recommender.perpeft",
-    "UserLevel1": "recbole_perpeft.model.sequential_recommender.userlevel1",
-    "UserLevel2": "recbole_perpeft.model.sequential_recommender.userlevel2",
-    "GroupLevel1": "recbole_perpeft.model.sequential_recommender.grouplevel1",
-    "GroupLevel2": "recbole_perpeft.model.sequential_recommender.grouplevel2",
-    "LargeGlobalPEFT": "recbole_perpeft.model.sequential_recommender.largeglobalpeft",
-    "SharedGroupPEFT": "recbole_perpeft.model.sequential_recommender.sharedgrouppeft",
-}
+MODEL_PACKAGE = "recbole_perpeft.model"
+KIND_SUFFIX = "_recommender"  # model kind folders, as RecBole's: sequential_recommender, general_recommender, ...
+
+
+def model_kinds() -> list[str]:
+    """The model kind folders of recbole_perpeft/model/ (``<kind>_recommender/``), so a new kind needs no
+    registration; other folders there (backbones, ...) hold building blocks, not models."""
+    package = importlib.import_module(MODEL_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.ispkg and m.name.endswith(KIND_SUFFIX))
+
+
+def model_module(model_name: str) -> str | None:
+    """``recbole_perpeft.model.<kind>.<model_name lower-cased>`` if such a file exists (RecBole-GNN's
+    convention: model ``X`` is class ``X`` in ``x.py``), else None. Found without importing it, so
+    ``--model=X`` imports only X (and its encoders), not every model."""
+    if not model_name.isidentifier():  # a dotted or odd name would make find_spec import what it names
+        return None
+    for kind in model_kinds():
+        path = f"{MODEL_PACKAGE}.{kind}.{model_name.lower()}"
+        if importlib.util.find_spec(path) is not None:
+            return path
+    return None
+
+
+def our_model(model_name: str) -> type | None:
+    """Our model class named exactly ``model_name`` (case-sensitive), or None."""
+    path = model_module(model_name)
+    if path is None:
+        return None
+    model_class = getattr(importlib.import_module(path), model_name, None)
+    return model_class if isinstance(model_class, type) else None
+
+
+def our_model_names() -> list[str]:
+    """Every model of ours, by scanning the kind folders: in ``x.py``, the class whose lower-cased name is
+    ``x``. Read from the source (ast), not imported: for an error message, it must not need the encoders."""
+    names = []
+    for kind in model_kinds():
+        package = importlib.import_module(f"{MODEL_PACKAGE}.{kind}")
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.ispkg:
+                continue
+            spec = importlib.util.find_spec(f"{package.__name__}.{info.name}")
+            source = spec.loader.get_source(spec.name) if spec is not None and spec.loader is not None else None
+            if not source:
+                continue
+            tree = ast.parse(source)
+            names += [n.name for n in tree.body if isinstance(n, ast.ClassDef) and n.name.lower() == info.name]
+    return sorted(names)
 
 
 def get_model(model_name: str):
     """Our model class if we have one, else RecBole's; a clear error naming both lists otherwise."""
-    if model_name in MODELS:
-        return getattr(importlib.import_module(MODELS[model_name]), model_name)
+    model_class = our_model(model_name)
+    if model_class is not None:
+        return model_class
     try:
-        return recbole_get_model(model_name)
+        model_class = recbole_get_model(model_name)
     except (ValueError, ImportError, AttributeError):
         # RecBole raises ValueError for an unknown name, but its search first imports every model
         # package (exlib_recommender needs lightgbm/xgboost: ImportError), and a name that differs
         # from a model only in case finds its module but not the class (AttributeError).
+        model_class = None
+    if not isinstance(model_class, type):  # RecBole returns any attribute of a module it finds ("__init__")
         raise ValueError(
             f"Unknown model '{model_name}': it is neither a recbole_perpeft model "
-            f"({', '.join(sorted(MODELS))}) nor a model RecBole ships (e.g. SASRec, BERT4Rec, GRU4Rec). "
+            f"({', '.join(our_model_names())}) nor a model RecBole ships (e.g. SASRec, BERT4Rec, GRU4Rec). "
             "Model names are case-sensitive."
-        ) from None
+        )
+    return model_class
 
 
 def get_trainer(model_type, model_name: str):
     """The trainer for a model; every trainer writes checkpoints that load with weights_only=True and
     resume reproducibly (recbole_perpeft/resume.py)."""
-    if model_name in MODELS:
+    model_class = our_model(model_name)
+    if model_class is not None:
+        # Imported here: the trainer (and where it lives) is only needed once a model of ours runs.
         from recbole_perpeft.trainer import PEFTTrainer
 
-        return getattr(get_model(model_name), "trainer_class", PEFTTrainer)
+        return getattr(model_class, "trainer_class", PEFTTrainer)
     trainer = with_safe_checkpoints(recbole_get_trainer(model_type, model_name))
     return type(trainer.__name__, (ResumableTrainerMixin, trainer), {})
 

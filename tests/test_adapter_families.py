@@ -11,6 +11,7 @@ import pytest
 import torch
 from recbole.data.interaction import Interaction
 
+from recbole_perpeft.adapters.moda import MoDAFamily
 from recbole_perpeft.data.dataloader import GROUP_ID
 from recbole_perpeft.encoders.clip import ClipFoundation
 from recbole_perpeft.encoders.text_image import TextImageFoundation
@@ -131,7 +132,7 @@ def test_cmsa_needs_two_modalities(tmp_path, env):
 
 def test_unknown_loss_type_is_refused(tmp_path, env):
     with pytest.raises(ValueError, match="loss_type"):
-        build_model("GlobalPEFT", DATASET, family_config(tmp_path, env, "text_image", "LORA", loss_type="BPR"))
+        build_model("GlobalPEFT", DATASET, family_config(tmp_path, env, "text_image", "LORA", loss_type="HINGE"))
 
 
 # --- MoDA in a model ------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_moda_condition_is_the_modality_and_groups_get_their_own_gate(tmp_path, 
     keys = family_config(tmp_path, env, "clip", "MODA")
     _, model, train_data, _, _ = build_model("PerPEFT", DATASET, keys)
     tower = model.item_tower
-    assert tower.moda
+    assert isinstance(tower.family, MoDAFamily)
     gates = {g: tower.adapter_parameters(tower.group_adapter(g)) for g in range(2)}
     assert gates[0] and all("gate" in k for k in gates[0])  # a group's adapter is only its gate
     shared = tower.adapter_parameters(tower.GLOBAL_ADAPTER)

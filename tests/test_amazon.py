@@ -16,15 +16,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from recbole_perpeft.data.amazon import (
+from recbole_perpeft.data.amazon import iterative_k_core, keep_user, pick_image_url, preprocess
+from recbole_perpeft.data.amazon_download import (
     DatasetUnavailableError,
     IncompleteDownload,
     download_file,
     download_with_mirrors,
-    iterative_k_core,
-    keep_user,
-    pick_image_url,
-    preprocess,
 )
 from recbole_perpeft.data.images import download_images
 from recbole_perpeft.data.prepare import ensure_atomic_files, main
@@ -96,7 +93,7 @@ def test_download_refuses_a_body_that_is_not_gzip(tmp_path):
 
 
 def amazon_config(tmp_path, **overrides) -> dict:
-    """What Config's hook passes: a final dict whose data_path is already the dataset's folder."""
+    """What create_dataset's hook passes: a final dict whose data_path is already the dataset's folder."""
     return {
         "dataset": DATASET,
         "data_path": str(tmp_path / "data" / DATASET),
@@ -128,15 +125,6 @@ def test_unreachable_server_names_the_files_the_folder_and_the_command(tmp_path)
     check_offline_message(str(err.value), tmp_path)
     assert "download failed" in str(err.value)
     assert not (tmp_path / "data" / DATASET / f"{DATASET}.inter").exists()
-
-
-def test_config_raises_the_offline_error_and_keeps_the_unknown_dataset_error(tmp_path):
-    from tests.tiny import build_config
-
-    with pytest.raises(DatasetUnavailableError, match="download is False"):
-        build_config("SASRec", DATASET, {"data_path": str(tmp_path), "download": False})
-    with pytest.raises(FileNotFoundError, match="not found: no atomic file"):
-        build_config("SASRec", "no-such-dataset", {"data_path": str(tmp_path)})
 
 
 def test_cli_reports_the_offline_error(tmp_path, capsys):

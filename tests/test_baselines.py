@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from recbole.utils import init_seed
 
-from recbole_perpeft import two_stage
 from recbole_perpeft.config import Config
 from recbole_perpeft.data.dataloader import GroupedUserSequenceDataLoader, UserSequenceDataLoader
 from recbole_perpeft.data.sampler import SequenceNegativeSampler
@@ -27,9 +26,9 @@ from recbole_perpeft.encoders.clip import ClipFoundation
 from recbole_perpeft.grouping import UserGroups
 from recbole_perpeft.model.personalisation import TwoStageGrouped
 from recbole_perpeft.quick_start import run
-from recbole_perpeft.two_stage import TwoStageRun, stage_config
+from recbole_perpeft.two_stage import TwoStageTrainer, stage_config
 from recbole_perpeft.utils import get_model, trainable_parameters_by_component
-from tests.tiny import build_stage1_env, item_token
+from tests.tiny import build_stage1_env, item_token, run_stage2
 
 DATASET = "baselinesds"
 N_USERS, N_ITEMS, N_GROUPS = 40, 40, 2
@@ -253,10 +252,10 @@ def test_changing_a_group_embedding_changes_only_that_groups_users_scores(env, n
 @pytest.mark.parametrize("name", GROUP_MODELS)
 def test_group_models_start_from_the_global_model(env, name):
     model = build(env, name)
-    assert getattr(type(model), "grouped", False) and isinstance(model, TwoStageGrouped)
+    assert isinstance(model, TwoStageGrouped) and type(model).trainer_class is TwoStageTrainer
     stage1 = env.global_model.state_dict()
     state = model.state_dict()
-    position_key = "sequence_encoder.position_embedding.weight"
+    position_key = "backbone.encoder.position_embedding.weight"
     for key, value in stage1.items():
         if key == position_key and name == "GroupLevel1":  # one more position (the group vector's)
             assert torch.equal(state[key][:-1], value) and state[key].shape[0] == value.shape[0] + 1
@@ -292,20 +291,12 @@ def test_load_global_and_set_groups_refuse_a_mismatch(env, name):
 def stage2(request, env, tmp_path_factory):
     """TwoStageRun's stage 2 of a group model (1 epoch, best checkpoint, test) from the module's stage 1."""
     name = request.param
-    samplers = []
-
-    class SpyLoader(GroupedUserSequenceDataLoader):
-        def __init__(self, config, dataset, sampler, group_of_user, shuffle=True):
-            samplers.append(sampler)
-            super().__init__(config, dataset, sampler, group_of_user, shuffle=shuffle)
-
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("stage2"))
-        mp.setattr(two_stage, "GroupedUserSequenceDataLoader", SpyLoader)
         config = stage_config(env.config, name, env.config["stage2_epochs"])
         init_seed(config["seed"], True)
-        run_ = TwoStageRun(config, env.train_data, env.valid_data, env.test_data)
-        model, trainer, best_score, best_valid, seconds = run_.stage2(env.global_model.state_dict(), env.groups, None)
+        run_ = run_stage2(env, config)
+        model, trainer, best_valid, samplers = run_.model, run_.trainer, run_.best_valid, run_.samplers
         test_result = trainer.evaluate(env.test_data, load_best_model=True)
     model.eval()
     return SimpleNamespace(name=name, model=model, trainer=trainer, test_result=test_result, samplers=samplers,
@@ -337,10 +328,10 @@ def test_group_models_train_through_the_two_stage_run(env, stage2):
 def test_group_models_run_from_a_global_checkpoint_with_quick_start(env, name, tmp_path):
     result_file = tmp_path / "result.json"
     keys = {**env.config_dict, "checkpoint_dir": str(tmp_path / "saved"),
-            "global_checkpoint": env.run.global_checkpoint}  # fmt: skip
+            "global_checkpoint": env.stage1_trainer.global_checkpoint}  # fmt: skip
     result = run(name, DATASET, config_dict=keys, result_file=str(result_file))
     written = json.loads(result_file.read_text())
-    assert written["model"] == name and written["global_checkpoint"] == env.run.global_checkpoint
+    assert written["model"] == name and written["global_checkpoint"] == env.stage1_trainer.global_checkpoint
     assert "stage1_train" not in written["seconds"] and written["seconds"]["stage2_train"] > 0
     assert set(written["test_result"]) == METRICS
     assert all(0.0 <= v <= 1.0 for v in written["test_result"].values())
@@ -480,24 +471,16 @@ def test_shared_group_peft_continues_the_global_model_on_group_batches_with_grou
     from recbole_perpeft.data.sampler import GroupNegativeSampler
     from recbole_perpeft.model.sequential_recommender.perpeft import PerPEFT
 
-    loaders = []
-
-    class SpyLoader(GroupedUserSequenceDataLoader):
-        def __iter__(self):
-            loaders.append(self)
-            return super().__iter__()
-
     config = stage_config(Config(model="SharedGroupPEFT", dataset=DATASET, config_dict=env.config_dict),
                           "SharedGroupPEFT", 1)  # fmt: skip
     assert config["group_negatives"] is True  # its YAML
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(two_stage, "GroupedUserSequenceDataLoader", SpyLoader)
-        init_seed(config["seed"], True)
-        run_ = TwoStageRun(config, env.train_data, env.valid_data, env.test_data)
-        model, trainer, _, best_valid, _ = run_.stage2(env.global_model.state_dict(), env.groups, None)
+    init_seed(config["seed"], True)
+    run_ = run_stage2(env, config)
+    model, best_valid, loaders = run_.model, run_.best_valid, run_.loaders
     assert type(model).__name__ == "SharedGroupPEFT" and not isinstance(model, PerPEFT)
     assert set(best_valid) == METRICS
     loader = loaders[0]
+    assert isinstance(loader, GroupedUserSequenceDataLoader)
     assert isinstance(loader._sampler, GroupNegativeSampler)  # PerPEFT's negatives
     for batch in loader:
         assert batch["group_id"].unique().numel() == 1  # PerPEFT's group-homogeneous batches

@@ -1,10 +1,9 @@
-"""recbole_perpeft.compare: seeds, aggregation, paired t-tests, Markdown, the runner (with a fake training
-function: stage-1 sharing, per-run JSON reuse), the command line, and one real comparison end to end."""
+"""recbole_perpeft.compare: seeds, the runner (with a fake training function: stage-1 sharing, per-run JSON
+reuse), the command line, and one real comparison end to end (the statistics: test_compare_report.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from scipy import stats
 
 from recbole_perpeft import compare as cmp
 from tests.tiny import REPO_ROOT, RUN_SCRIPT, load_entry_point, make_atomic_dataset, quick_config
@@ -70,127 +68,11 @@ def test_parse_models():
             cmp.parse_models(bad)
 
 
-def test_grouped_models_are_found_by_their_class_attribute():
+def test_two_stage_models_are_found_by_their_load_global():
     assert cmp.is_grouped("PerPEFT")
     assert not cmp.is_grouped("GlobalPEFT") and not cmp.is_grouped("SASRec")
     with pytest.raises(ValueError, match="NoSuchModel"):
         cmp.is_grouped("NoSuchModel")
-
-
-# --- aggregation and t-tests (pure) -----------------------------------------------------------------------------
-
-
-def results_table():
-    """{model: {seed: test_result}} with known numbers."""
-    return {
-        "A": {
-            1: {"hit@20": 0.1, "ndcg@20": 0.05, "hit@30": 0.2, "ndcg@30": 0.06, "recall@20": 0.4},
-            2: {"hit@20": 0.2, "ndcg@20": 0.05, "hit@30": 0.3, "ndcg@30": 0.07},
-            3: {"hit@20": 0.3, "ndcg@20": 0.05, "hit@30": 0.4, "ndcg@30": 0.08},
-        },
-        "B": {
-            1: {"hit@20": 0.30, "ndcg@20": 0.10, "hit@30": 0.35, "ndcg@30": 0.06},
-            2: {"hit@20": 0.32, "ndcg@20": 0.12, "hit@30": 0.45, "ndcg@30": 0.07},
-            3: {"hit@20": 0.35, "ndcg@20": 0.11, "hit@30": 0.55, "ndcg@30": 0.08},
-        },
-    }
-
-
-def test_common_metrics_are_shared_topk_keys_hit_then_ndcg_by_k():
-    table = results_table()
-    assert cmp.common_metrics(table) == ["hit@20", "hit@30", "ndcg@20", "ndcg@30"]  # recall@20: only one run
-    other = {"M": {1: {"ndcg@10": 0.1, "hit@5": 0.2, "hit@10": 0.3, "mrr@10": 0.4, "ndcg@5": 0.0, "loss": 1.0}}}
-    assert cmp.common_metrics(other) == ["hit@5", "hit@10", "ndcg@5", "ndcg@10", "mrr@10"]
-    with pytest.raises(ValueError):
-        cmp.common_metrics({"A": {1: {"hit@5": 0.1}}, "B": {1: {"ndcg@5": 0.1}}})
-
-
-def test_aggregate_mean_and_sample_std():
-    summary = cmp.aggregate(results_table())
-    a = summary["A"]
-    assert a["hit@20"]["mean"] == pytest.approx(0.2) and a["hit@20"]["std"] == pytest.approx(0.1)  # ddof=1
-    assert a["hit@20"]["per_seed"] == [0.1, 0.2, 0.3]
-    assert a["ndcg@20"]["mean"] == pytest.approx(0.05) and a["ndcg@20"]["std"] == pytest.approx(0.0, abs=1e-12)
-    assert a["ndcg@30"]["std"] == pytest.approx(0.01)
-    b = summary["B"]["hit@30"]
-    assert b["mean"] == pytest.approx(0.45) and b["std"] == pytest.approx(0.1)
-    assert set(summary["A"]) == {"hit@20", "hit@30", "ndcg@20", "ndcg@30"}
-
-    one = cmp.aggregate({"A": {5: {"hit@20": 0.25}}})
-    assert one["A"]["hit@20"] == {"mean": 0.25, "std": 0.0, "per_seed": [0.25]}
-    ordered = cmp.aggregate(results_table(), metrics=["hit@20"], seeds=[3, 1])
-    assert ordered["A"]["hit@20"]["per_seed"] == [0.3, 0.1]
-
-
-def test_paired_ttest_is_scipys():
-    a = [0.30, 0.32, 0.35, 0.31]
-    b = [0.25, 0.29, 0.30, 0.28]
-    expected = stats.ttest_rel(a, b).pvalue
-    assert cmp.paired_ttest(a, b) == pytest.approx(expected, rel=1e-12)
-    # By hand: t = mean(d) / (sd(d) / sqrt(n)), two-sided with n - 1 degrees of freedom.
-    d = np.subtract(a, b)
-    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
-    assert cmp.paired_ttest(a, b) == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1), rel=1e-9)
-    assert math.isnan(cmp.paired_ttest([0.1], [0.2]))  # one seed
-    assert math.isnan(cmp.paired_ttest([0.1, 0.2], [0.1, 0.2]))  # identical
-    with pytest.raises(ValueError):
-        cmp.paired_ttest([0.1, 0.2], [0.1])
-
-
-def test_ttest_p_values_against_the_reference_pair_by_seed():
-    table = results_table()
-    table["C"] = {2: {"hit@20": 0.2, "hit@30": 0.3, "ndcg@20": 0.05, "ndcg@30": 0.07}}  # one seed in common with B
-    p = cmp.ttest_p_values(table, "B", ["hit@20", "ndcg@30"])
-    assert set(p) == {"A", "C"}
-    assert p["A"]["hit@20"] == pytest.approx(stats.ttest_rel([0.30, 0.32, 0.35], [0.1, 0.2, 0.3]).pvalue)
-    assert math.isnan(p["A"]["ndcg@30"])  # identical per seed
-    assert math.isnan(p["C"]["hit@20"])  # one paired seed
-    with pytest.raises(ValueError, match="Z"):
-        cmp.ttest_p_values(table, "Z")
-
-
-def test_summarise_is_strict_json_with_nan_as_null():
-    summary = cmp.summarise("ds", ["A", "B"], [1, 2, 3], results_table(), runs={"A": {1: "a1.json"}})
-    text = json.dumps(summary, allow_nan=False)  # no NaN in the file
-    assert json.loads(text)["ttest"]["p_values"]["A"]["ndcg@30"] is None
-    assert summary["ttest"]["reference"] == "B"  # default: the last model
-    assert summary["models"] == ["A", "B"] and summary["seeds"] == [1, 2, 3]
-    assert summary["metrics"] == ["hit@20", "hit@30", "ndcg@20", "ndcg@30"]
-    assert summary["runs"] == {"A": {"1": "a1.json"}, "B": {}}
-    assert summary["results"]["A"]["hit@20"]["mean"] == pytest.approx(0.2)
-
-
-def test_render_markdown_table():
-    summary = {
-        "dataset": "ds",
-        "seeds": [1, 2],
-        "models": ["SASRec", "GlobalPEFT", "PerPEFT"],
-        "metrics": ["hit@20", "ndcg@20"],
-        "results": {
-            "SASRec": {"hit@20": {"mean": 0.1, "std": 0.01}, "ndcg@20": {"mean": 0.0512345, "std": 0.0}},
-            "GlobalPEFT": {"hit@20": {"mean": 0.123456, "std": 0.004321}, "ndcg@20": {"mean": 0.06, "std": 0.002}},
-            "PerPEFT": {"hit@20": {"mean": 0.12, "std": 0.02}, "ndcg@20": {"mean": 0.0599999, "std": 0.001}},
-        },
-        "ttest": {
-            "reference": "PerPEFT",
-            "p_values": {
-                "SASRec": {"hit@20": 0.0004, "ndcg@20": 0.049},
-                "GlobalPEFT": {"hit@20": 0.5, "ndcg@20": None},
-            },
-        },
-    }
-    text = cmp.render_markdown(summary)
-    lines = text.splitlines()
-    assert "ds" in lines[0] and "2 seeds (1, 2)" in lines[0]
-    assert "| Model | hit@20 | ndcg@20 |" in lines
-    assert "| SASRec | 10.00 (1.00)† | 5.12 (0.00)† |" in lines
-    # Best mean per column in bold (PerPEFT's 5.9999... shows as 6.00: a tie on what the table shows).
-    assert "| GlobalPEFT | **12.35** (0.43) | **6.00** (0.20) |" in lines
-    assert "| PerPEFT | 12.00 (2.00) | **6.00** (0.10) |" in lines
-    assert any("† p < 0.05" in line and "PerPEFT" in line for line in lines)
-    assert "| SASRec | <0.001 † | 0.049 † |" in lines
-    assert "| GlobalPEFT | 0.500 | n/a |" in lines
-    assert not any(line.startswith("| PerPEFT | <") or line.startswith("| PerPEFT | n/a") for line in lines)
 
 
 # --- the runner, with a fake training function ----------------------------------------------------------------------

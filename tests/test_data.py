@@ -461,8 +461,10 @@ def test_modalities_string_becomes_a_list(toy_dataset, toy_config):
 
 
 def test_unknown_dataset(base_config, tmp_path):
+    # Config does not look for the files (create_dataset prepares known datasets on first use).
+    config = Config(model="GlobalPEFT", dataset="no-such-data", config_dict={**base_config, "data_path": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match=r"no-such-data\.inter"):
-        Config(model="GlobalPEFT", dataset="no-such-data", config_dict={**base_config, "data_path": str(tmp_path)})
+        create_dataset(config)
 
 
 def test_unknown_model(toy_dataset, toy_config):

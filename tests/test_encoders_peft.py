@@ -30,6 +30,7 @@ TRAINABLE_PREFIXES = (
     "item_tower.placeholders.",
     "item_id_embedding.",
     "sequence_encoder.",
+    "backbone.",  # the recommender over the item vectors (SASRec), once backbones are pluggable
 )
 NO_IMAGE_ITEM, NO_TITLE_ITEM = "105", "107"
 
@@ -307,7 +308,7 @@ def test_globalpeft_loss_is_eq1_over_real_positions(make_config):
     seq, pos, neg = fields[model.ITEM_SEQ], fields[TARGET_LIST], fields[NEG_LIST]
     with torch.no_grad():
         vectors = model.item_vectors(torch.arange(n_items))
-        output = model.encode_sequences(vectors[seq], seq)
+        output = model.backbone.encode(vectors[seq], seq)
     terms = []
     for b, n in enumerate(lengths):
         for t in range(n):
@@ -359,8 +360,7 @@ def test_frozenmm_has_no_peft_and_caches_frozen_features(make_config, tmp_path, 
     monkeypatch.setattr(FoundationModel, "encode", fail)
     _, second, *_ = build_model("FrozenMM", DATASET, config_dict)
     for modality in ("text", "image"):
-        name = f"features_{modality}"
-        assert torch.equal(getattr(second.item_tower, name), getattr(first.item_tower, name))
+        assert torch.equal(getattr(second.item_tower.features, modality), getattr(first.item_tower.features, modality))
     second.eval()
     first.eval()
     torch.testing.assert_close(second.item_table(), first.item_table())  # ... still never encoding
@@ -374,13 +374,13 @@ def test_frozen_image_features_are_the_eval_mode_encoder_output(make_config, tmp
         cache_dir = str(tmp_path / f"cache-{batch_size}")
         config_dict = make_config("text_image", encode_batch_size=batch_size, cache_dir=cache_dir)
         towers.append(build_model("FrozenMM", DATASET, config_dict)[1].item_tower)
-    torch.testing.assert_close(towers[0].features_image, towers[1].features_image)
+    torch.testing.assert_close(towers[0].features.image, towers[1].features.image)
     tower = towers[0]
     assert not tower.foundation.training and not any(m.training for m in tower.foundation.modules())
     items = torch.nonzero(tower.has_image).flatten()[:2]
     with torch.no_grad():
-        one_by_one = torch.cat([tower._encode("image", items[i : i + 1]) for i in range(len(items))])
-    torch.testing.assert_close(tower.features_image[items], one_by_one, rtol=1e-4, atol=1e-5)
+        one_by_one = torch.cat([tower.family.foundation_vectors("image", items[i : i + 1]) for i in range(len(items))])
+    torch.testing.assert_close(tower.features.image[items], one_by_one, rtol=1e-4, atol=1e-5)
 
 
 def test_item_table_is_computed_once_per_evaluation(make_config, monkeypatch):
@@ -469,7 +469,7 @@ def test_items_without_image_or_title_get_the_learned_placeholder(make_config, m
 
     items = torch.tensor([no_image, no_title])
     with torch.no_grad():
-        image, text = tower.modality_vector("image", items), tower.modality_vector("text", items)
+        image, text = tower.family.modality_vector("image", items), tower.family.modality_vector("text", items)
     assert torch.equal(image[0], tower.placeholders["image"]) and not torch.equal(image[1], tower.placeholders["image"])
     assert torch.equal(text[1], tower.placeholders["text"]) and not torch.equal(text[0], tower.placeholders["text"])
 

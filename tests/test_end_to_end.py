@@ -28,7 +28,7 @@ from tests.tiny import (
 
 DATASET = "e2eds"
 METRICS = {"hit@20", "ndcg@20", "hit@30", "ndcg@30"}
-OUR_COMPONENTS = {"projector", "missing_modality_placeholders", "item_id_embedding", "sequence_encoder"}
+OUR_COMPONENTS = {"projector", "missing_modality_placeholders", "item_id_embedding", "backbone"}
 TEXT_DIM, IMAGE_DIM = 384, 1280  # all-MiniLM-L6-v2, EfficientNet-Lite0
 
 

@@ -155,8 +155,8 @@ def make_iisan_layout(folder: Path) -> None:
 
 
 def test_import_iisan_layout_through_config(tmp_path):
-    """--raw_layout=iisan --raw_dir=DIR on a new dataset name: imported by Config on first use, and
-    RecBole reads back the unescaped titles (quotes included)."""
+    """--raw_layout=iisan --raw_dir=DIR on a new dataset name: imported by create_dataset on first use
+    (not by Config), and RecBole reads back the unescaped titles (quotes included)."""
     from recbole_perpeft.data import create_dataset
 
     make_iisan_layout(tmp_path / "src")
@@ -173,13 +173,14 @@ def test_import_iisan_layout_through_config(tmp_path):
             "item_inter_num_interval": "[0,inf)",
         },
     )
+    assert not (tmp_path / "data" / "toyiisan").exists()
+    dataset = create_dataset(config)
     inter = read_atomic(tmp_path / "data" / "toyiisan" / "toyiisan.inter")
     assert sequences(inter) == {
         "u1": ["A1", "A2", "A3", "A1", "A4"],
         "u2": ["A3", "A2", "A4", "A1", "A2"],
         "u3": ["A4", "A3", "A2", "A1", "A3"],
     }
-    dataset = create_dataset(config)
     texts = dict(zip(dataset.field2id_token["item_id"], dataset.item_texts(), strict=True))
     assert texts["A1"] == 'Salt & Pepper 12" mill' and texts["A2"] == '"Quoted" start'
     assert texts["A3"] == "Plain" and texts["A4"] == ""
@@ -197,7 +198,10 @@ def test_known_dataset_without_its_files_says_where_to_put_them(tmp_path):
 def test_real_amazon_scientific_imports_on_first_use(tmp_path):
     if not (SCIENTIFIC / "users.tsv").is_file():
         pytest.skip(f"the amazon-scientific release is not at {SCIENTIFIC} (optional; see dataset/README.md)")
-    build_config("SASRec", "amazon-scientific", {"data_path": str(tmp_path), "raw_dir": str(SCIENTIFIC)})
+    from recbole_perpeft.data import create_dataset
+
+    config = build_config("SASRec", "amazon-scientific", {"data_path": str(tmp_path), "raw_dir": str(SCIENTIFIC)})
+    create_dataset(config)
     folder = tmp_path / "amazon-scientific"
     inter = read_atomic(folder / "amazon-scientific.inter")
     items = read_atomic(folder / "amazon-scientific.item")

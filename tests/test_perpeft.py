@@ -16,17 +16,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
-from recbole_perpeft import two_stage
 from recbole_perpeft.config import Config
 from recbole_perpeft.data import create_dataset
 from recbole_perpeft.data.dataloader import GROUP_ID, GroupedUserSequenceDataLoader
 from recbole_perpeft.data.sampler import GroupNegativeSampler, SequenceNegativeSampler
 from recbole_perpeft.grouping import UserGroups
+from recbole_perpeft.model.backbones.sasrec import training_histories
 from recbole_perpeft.model.sequential_recommender.perpeft import PerPEFT
 from recbole_perpeft.trainer import PEFTTrainer
-from recbole_perpeft.two_stage import TwoStageRun, stage_config, training_histories
+from recbole_perpeft.two_stage import TwoStageTrainer, group_users, stage_config
 from recbole_perpeft.utils import trainable_parameters_by_component
 from tests.tiny import (
     build_stage1_env,
@@ -34,6 +35,7 @@ from tests.tiny import (
     load_entry_point,
     make_atomic_dataset,
     run_script,
+    run_stage2,
     two_stage_keys,
 )
 
@@ -81,22 +83,14 @@ def build_perpeft(env, load: bool = True, seed: int | None = None, **overrides) 
 def stage2(env, tmp_path_factory):
     """The runner's stage 2 (1 epoch, best checkpoint, test) from the module's stage 1, once; records
     the negative sampler the grouped training loader got."""
-    samplers = []
-
-    class SpyLoader(GroupedUserSequenceDataLoader):
-        def __init__(self, config, dataset, sampler, group_of_user, shuffle=True):
-            samplers.append(sampler)
-            super().__init__(config, dataset, sampler, group_of_user, shuffle=shuffle)
-
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("stage2"))
-        mp.setattr(two_stage, "GroupedUserSequenceDataLoader", SpyLoader)
         init_seed(env.config["seed"], True)
-        run = TwoStageRun(env.config, env.train_data, env.valid_data, env.test_data)
-        model, trainer, best_score, best_valid, seconds = run.stage2(env.global_model.state_dict(), env.groups, None)
-        test_result = trainer.evaluate(env.test_data, load_best_model=True)
-    model.eval()
-    return SimpleNamespace(model=model, trainer=trainer, test_result=test_result, samplers=samplers, run=run)
+        run = run_stage2(env, env.config)
+        test_result = run.trainer.evaluate(env.test_data, load_best_model=True)
+    run.model.eval()
+    return SimpleNamespace(model=run.model, trainer=run.trainer, test_result=test_result, samplers=run.samplers,
+                           loaders=run.loaders)  # fmt: skip
 
 
 # --- names of the parts ------------------------------------------------------------------------------------
@@ -116,9 +110,9 @@ def part_of(name: str, n_groups: int) -> str:
             return f"projector_{g}"
     if name.startswith("item_tower.projector."):
         return "global_projector"
-    if name.startswith(("global_item_id_embedding.", "global_sequence_encoder.", "item_tower.global_placeholders.")):
+    if name.startswith(("global_item_id_embedding.", "global_backbone.", "item_tower.global_placeholders.")):
         return "global_copies"
-    if name.startswith(("item_id_embedding.", "sequence_encoder.", "item_tower.placeholders.")):
+    if name.startswith(("item_id_embedding.", "backbone.", "item_tower.placeholders.")):
         return "shared"
     raise AssertionError(f"unclassified parameter {name}")
 
@@ -149,7 +143,7 @@ def manual_table(model: PerPEFT, group: int) -> torch.Tensor:
 
 @torch.no_grad()
 def manual_user_vector(model: PerPEFT, seq, length, table) -> torch.Tensor:
-    output = model.sequence_encoder(table[seq], model.get_attention_mask(seq))
+    output = model.backbone.encoder(table[seq], model.get_attention_mask(seq))
     return output[torch.arange(len(seq)), length - 1]
 
 
@@ -178,8 +172,8 @@ def test_stage2_components_start_equal_to_stage1(env):
             assert torch.equal(value, stage1[f"item_tower.projector.{key}"]), key
     for key, value in model.global_item_id_embedding.state_dict().items():
         assert torch.equal(value, stage1[f"item_id_embedding.{key}"])
-    for key, value in model.global_sequence_encoder.state_dict().items():
-        assert torch.equal(value, stage1[f"sequence_encoder.{key}"])
+    for key, value in model.global_backbone.state_dict().items():
+        assert torch.equal(value, stage1[f"backbone.{key}"])
     for key, value in tower.global_placeholders.state_dict().items():
         assert torch.equal(value, stage1[f"item_tower.placeholders.{key}"])
     assert np.array_equal(model.group_of_user.numpy(), env.groups.labels)
@@ -211,7 +205,7 @@ def test_one_step_changes_only_the_active_groups_adapter_and_projector(env, grou
         assert all(p.requires_grad for p in group_adapter_params(model, g).values())
     assert not any(p.requires_grad for p in tower.projector.parameters())
     assert not any(p.requires_grad for p in model.global_item_id_embedding.parameters())
-    assert not any(p.requires_grad for p in model.global_sequence_encoder.parameters())
+    assert not any(p.requires_grad for p in model.global_backbone.parameters())
     assert not any(p.requires_grad for p in tower.global_placeholders.parameters())
     assert all(p.requires_grad for p in tower.placeholders.parameters())  # shared, trained in stage 2
 
@@ -315,7 +309,8 @@ def test_recommend_for_a_new_history_uses_its_groups_table(env, stage2):
         assert len(items) == 5 and len(set(items)) == 5 and all(1 <= i < n_items for i in items)
         seq, length = padded(history, max_len)
         # The group: the grouping's rule applied to the stage-1 interest vector (what the groups were fitted on).
-        stage1_interest = env.global_model.forward(seq, length, env.global_model.item_table()).detach()
+        batch = Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: length})
+        stage1_interest = env.global_model.user_vectors(batch).detach()
         torch.testing.assert_close(model.interest_vectors(seq, length), stage1_interest)
         assert group == int(env.groups.assign(stage1_interest.numpy())[0])
         assert group == int(model.user_groups.assign(model.interest_vectors(seq, length).numpy())[0])
@@ -409,7 +404,7 @@ def test_trainable_parameters_split_into_group_specific_and_global_parts(env):
     assert counts["group_specific/peft_adapters"] == N_GROUPS * adapter_size
     assert counts["group_specific/projectors"] == N_GROUPS * projector_size
     assert counts["global/item_id_embedding"] == model.n_items * env.config["hidden_size"]
-    assert counts["global/sequence_encoder"] == sum(p.numel() for p in model.sequence_encoder.parameters())
+    assert counts["global/backbone"] == sum(p.numel() for p in model.backbone.parameters())
     assert counts["global/missing_modality_placeholders"] == sum(p.numel() for p in tower.placeholders.parameters())
     assert counts["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert counts["total"] == sum(v for k, v in counts.items() if k not in ("total", "foundation_model_frozen"))
@@ -428,61 +423,54 @@ def test_perpeft_without_a_peft_module_is_refused(env):
 # --- 10. ablation switches -------------------------------------------------------------------------------------
 
 
-def test_without_group_negatives_stage2_samples_from_all_items(env, monkeypatch, tmp_path):
-    samplers = []
-    original = two_stage.GroupedUserSequenceDataLoader
-
-    def spy(config, dataset, sampler, group_of_user, shuffle=True):
-        samplers.append(sampler)
-        return original(config, dataset, sampler, group_of_user, shuffle=shuffle)
-
-    monkeypatch.setattr(two_stage, "GroupedUserSequenceDataLoader", spy)
+def test_without_group_negatives_stage2_samples_from_all_items(env, tmp_path):
     config = copy.copy(env.config)
     config.final_config_dict = dict(env.config.final_config_dict, group_negatives=False,
                                     checkpoint_dir=str(tmp_path / "saved"))  # fmt: skip
-    run = TwoStageRun(config, env.train_data, env.valid_data, env.test_data, saved=False)
-    run.stage2(env.global_model.state_dict(), env.groups, None)
-    assert len(samplers) == 1
-    assert type(samplers[0]) is SequenceNegativeSampler
+    run = run_stage2(env, config, saved=False)
+    assert len(run.samplers) == 1
+    assert type(run.samplers[0]) is SequenceNegativeSampler
 
 
 def test_weight_decay_grid_trains_stage2_per_value_and_keeps_the_best_validation(env, monkeypatch, tmp_path):
     decays = []
-    original = two_stage.PEFTTrainer
+    original = TwoStageTrainer._restart_stage2
 
-    def spy(config, model):
-        decays.append(config["weight_decay"])
-        return original(config, model)
+    def spy(self, weight_decay, saved_model_file):
+        original(self, weight_decay, saved_model_file)
+        decays.append(self.optimizer.param_groups[0]["weight_decay"])
 
-    monkeypatch.setattr(two_stage, "PEFTTrainer", spy)
+    monkeypatch.setattr(TwoStageTrainer, "_restart_stage2", spy)
     config = copy.copy(env.config)
     config.final_config_dict = dict(env.config.final_config_dict, weight_decay_grid=[0.0, 0.5],
                                     checkpoint_dir=str(tmp_path / "saved"))  # fmt: skip
-    run = TwoStageRun(config, env.train_data, env.valid_data, env.test_data)
-    model, trainer, best_score, best_valid, _ = run.tuned_stage2(env.global_model.state_dict(), env.groups)
+    run = run_stage2(env, config)
+    trainer, best_valid = run.trainer, run.best_valid
     assert decays == [0.0, 0.5]
-    valid = run.tuning["valid_by_weight_decay"]
+    valid = trainer.tuning["valid_by_weight_decay"]
     assert set(valid) == {"0.0", "0.5"}
     metric = config["valid_metric"].lower()
     assert best_valid[metric] == max(v[metric] for v in valid.values())
-    assert valid[str(run.tuning["weight_decay"])] == best_valid
-    assert trainer.config["weight_decay"] == run.tuning["weight_decay"]
-    assert trainer.saved_model_file.endswith(f"-wd{run.tuning['weight_decay']:g}.pth")
+    assert valid[str(trainer.tuning["weight_decay"])] == best_valid
+    assert trainer.saved_model_file.endswith(f"-wd{trainer.tuning['weight_decay']:g}.pth")
+    # The model holds the chosen run's best weights.
+    best = torch.load(trainer.saved_model_file, weights_only=True)["state_dict"]
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(value, best[key]), key
 
 
 @pytest.mark.parametrize("method", ["gmm", "random"])
 def test_other_grouping_methods_run_through_group_users(env, method):
     config = copy.copy(env.config)
     config.final_config_dict = dict(env.config.final_config_dict, grouping_method=method, n_groups=3)
-    run = TwoStageRun(config, env.train_data, env.valid_data, env.test_data, saved=False)
-    groups = run.group_users(env.global_model)
+    groups = group_users(env.global_model, env.train_dataset, config)
     assert groups.method == method and 1 <= groups.n_groups <= 3
     users = training_histories(env.train_dataset, 1)[0].numpy()
     assert (groups.labels[users] >= 0).all() and groups.labels[0] == -1
     assert sum(groups.sizes()) == len(users) == N_USERS
     if method == "gmm":
         assert groups.gmm_means is not None and groups.gmm_means.shape[0] == groups.n_groups
-    again = run.group_users(env.global_model)
+    again = group_users(env.global_model, env.train_dataset, config)
     assert np.array_equal(again.labels, groups.labels)  # seeded
     model = build_perpeft(env, load=False, n_groups=groups.n_groups)
     model.load_global(env.global_model.state_dict(), groups)  # a PerPEFT can be built on these groups
@@ -536,7 +524,7 @@ def test_command_line_two_stages_then_stage2_only_then_resume(env, cli_data, tmp
     assert len(groups["sizes"]) == 2 and min(groups["sizes"]) > 0 and sum(groups["sizes"]) == n_users
     counts = first["trainable_parameters"]
     for key in ("group_specific/peft_adapters", "group_specific/projectors", "global/item_id_embedding",
-                "global/sequence_encoder", "foundation_model_frozen", "total"):  # fmt: skip
+                "global/backbone", "foundation_model_frozen", "total"):  # fmt: skip
         assert counts[key] > 0, key
     assert counts["per_group"]["peft_adapter"] * 2 == counts["group_specific/peft_adapters"]
     assert counts["per_group"]["projector"] * 2 == counts["group_specific/projectors"]

@@ -43,9 +43,9 @@ CASES = {
     "GlobalPEFT-IISAN-SIGINT": (["--model=GlobalPEFT", "--peft_type=IISAN", "--epochs=6"],
                                 "GlobalPEFT-*-last.pth", 2, signal.SIGINT),
     "PerPEFT-LORA-stage2-SIGKILL": (["--model=PerPEFT", "--peft_type=LORA", "--stage1_epochs=2", "--stage2_epochs=4"],
-                                    "PerPEFT-stage2-*-last.pth", 1, signal.SIGKILL),
+                                    "PerPEFT-*[0-9]-last.pth", 1, signal.SIGKILL),
     "PerPEFT-IISAN-stage1-SIGINT": (["--model=PerPEFT", "--peft_type=IISAN", "--stage1_epochs=5",
-                                     "--stage2_epochs=2"], "PerPEFT-stage1-*-last.pth", 1, signal.SIGINT),
+                                     "--stage2_epochs=2"], "PerPEFT-*-stage1-GlobalPEFT-last.pth", 1, signal.SIGINT),
 }  # fmt: skip
 
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from recbole_perpeft.adapters import get_adapter_family
 from recbole_perpeft.adapters.crossan import CROSSAN, top_k_weights
 from recbole_perpeft.adapters.iisan import IISAN
-from recbole_perpeft.adapters.side_network import block_layers, build_side_network, is_side_network
+from recbole_perpeft.adapters.side_network import SideNetworkFamily, block_layers
 
 # Cached-state widths as the real pair has them: MiniLM (4 states of 384) and EfficientNet stages.
 WIDTHS = {"text": [12, 12, 12, 12], "image": [4, 6, 10, 20, 40]}
@@ -38,8 +39,20 @@ def test_block_layers_spread_each_modalitys_states_over_the_blocks():
 
 @pytest.mark.parametrize("name", ["iisan", "CROSSAN", "IISAN"])
 def test_side_network_types_are_selected_by_peft_type(name):
-    assert is_side_network(name) and not is_side_network("LORA") and not is_side_network("moda")
-    assert isinstance(build_side_network(name, WIDTHS, CONFIG), IISAN if name.upper() == "IISAN" else CROSSAN)
+    family = get_adapter_family(name)
+    assert issubclass(family, SideNetworkFamily) and family.name == name.upper()
+    assert not any(issubclass(get_adapter_family(other), SideNetworkFamily) for other in ("LORA", "moda", "FROZEN"))
+    assert isinstance(family.network_class(WIDTHS, CONFIG), IISAN if name.upper() == "IISAN" else CROSSAN)
+
+
+def test_defaults_come_from_the_familys_yaml_and_a_zero_is_not_a_default():
+    net = IISAN(WIDTHS, {})  # every key from properties/adapter/IISAN.yaml
+    assert (net.hidden, net.n_blocks, net.side_width) == (32, 5, 12)
+    with pytest.raises(ValueError, match="side_adapter_size"):
+        IISAN(WIDTHS, {**CONFIG, "side_adapter_size": 0})
+    with pytest.raises(ValueError, match="momef_top_k"):
+        CROSSAN(WIDTHS, {**CONFIG, "momef_top_k": 0})
+    assert CROSSAN(WIDTHS, {**CONFIG, "momef_top_k": 5}).top_k == 2  # at most every expert
 
 
 def test_iisan_outputs_intra_and_inter_parts_with_gates_in_range():

@@ -326,7 +326,7 @@ def build_stage1_env(root, model: str, dataset: str, n_users: int, n_items: int,
 
     from recbole_perpeft.config import Config
     from recbole_perpeft.data import create_dataset, data_preparation
-    from recbole_perpeft.two_stage import TwoStageRun
+    from recbole_perpeft.two_stage import TwoStageTrainer, group_users
     from recbole_perpeft.utils import get_model
 
     root = Path(root)
@@ -343,13 +343,34 @@ def build_stage1_env(root, model: str, dataset: str, n_users: int, n_items: int,
         data = create_dataset(config)
         train_data, valid_data, test_data = data_preparation(config, data, get_model(model))
         init_seed(config["seed"], True)
-        run = TwoStageRun(config, train_data, valid_data, test_data)
-        global_model = run.stage1(None)
-        groups = run.group_users(global_model)
+        trainer = TwoStageTrainer(config, get_model(model)(config, train_data._dataset))
+        global_model = trainer.stage1(train_data, valid_data, show_progress=False)
+        groups = group_users(global_model, train_data._dataset, config)
     global_model.eval()
     assert groups.n_groups == TWO_STAGE_GROUPS and min(groups.sizes()) > 0
     return SimpleNamespace(
         root=root, clip_path=clip.path, data_keys=data_keys, config_dict=config_dict, config=config,
         train_data=train_data, valid_data=valid_data, test_data=test_data, train_dataset=train_data._dataset,
-        run=run, global_model=global_model, groups=groups,
+        stage1_trainer=trainer, global_model=global_model, groups=groups,
     )  # fmt: skip
+
+
+def run_stage2(env, config, saved: bool = True):
+    """Stage 2 of ``config["model"]`` through :class:`TwoStageTrainer`, started from ``env``'s stage-1
+    GlobalPEFT and groups (``prepare_stage2``: stage 1 is not retrained); records the stage-2 loaders."""
+    from recbole_perpeft.two_stage import TwoStageTrainer
+    from recbole_perpeft.utils import get_model
+
+    model = get_model(config["model"])(config, env.train_dataset)
+    trainer = TwoStageTrainer(config, model)
+    trainer.prepare_stage2(env.global_model.state_dict(), env.groups)
+    loaders, build_loader = [], trainer.stage2_loader
+
+    def recorded(dataset):
+        loaders.append(build_loader(dataset))
+        return loaders[-1]
+
+    trainer.stage2_loader = recorded
+    best_score, best_valid = trainer.fit(env.train_data, env.valid_data, saved=saved)
+    return SimpleNamespace(model=model, trainer=trainer, best_score=best_score, best_valid=best_valid,
+                           loaders=loaders, samplers=[loader._sampler for loader in loaders])  # fmt: skip

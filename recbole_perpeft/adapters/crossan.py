@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recbole_perpeft.adapters.side_network import Bottleneck, SideNetwork
+from recbole_perpeft.adapters.registry import register_adapter_family
+from recbole_perpeft.adapters.side_network import Bottleneck, SideNetwork, SideNetworkFamily
 
 FUSIONS = ("momef", "dynamic", "static", "concat")
 
@@ -31,6 +32,8 @@ def top_k_weights(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class CROSSAN(SideNetwork):
+    family = "CROSSAN"
+
     def __init__(self, widths: dict[str, list[int]], config):
         super().__init__(widths, config)
         mods, n = self.modalities, self.n_blocks
@@ -39,16 +42,19 @@ class CROSSAN(SideNetwork):
         )
         # logits[t][i]: weights of the M previous outputs, then of t's own frozen state.
         self.mix_logits = nn.ParameterDict({m: nn.Parameter(torch.zeros(n, len(mods) + 1)) for m in mods})
-        self.fusion = config["crossan_fusion"] or "momef"
+        self.fusion = self.settings["crossan_fusion"]
         if self.fusion not in FUSIONS:
             raise ValueError(f"crossan_fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}.")
         if self.fusion == "concat":
             self.out_dims = {f"tower_{m}": self.side_width for m in mods}
             return
-        # At most every expert (a text-only run has one).
-        self.top_k = len(mods) if self.fusion == "dynamic" else min(config["momef_top_k"] or len(mods), len(mods))
-        if self.top_k < 1:
-            raise ValueError(f"momef_top_k must be at least 1, got {config['momef_top_k']!r}.")
+        # At most every expert (a text-only run has one); dynamic and static keep them all.
+        self.top_k = len(mods)
+        if self.fusion == "momef":
+            top_k = self.settings["momef_top_k"]
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise ValueError(f"momef_top_k must be at least 1, got {top_k!r}.")
+            self.top_k = min(top_k, len(mods))
         if self.fusion == "static":
             self.static_logits = nn.Parameter(torch.zeros(len(mods)))
         else:
@@ -84,3 +90,8 @@ class CROSSAN(SideNetwork):
         w = self.expert_weights(h)
         fused = sum(w[:, j : j + 1] * h[m] for j, m in enumerate(self.modalities))
         return {"fused": fused}, h
+
+
+@register_adapter_family("CROSSAN")
+class CROSSANFamily(SideNetworkFamily):
+    network_class = CROSSAN

@@ -13,10 +13,13 @@ from logging import getLogger
 import torch
 from torch import nn
 
-from recbole_perpeft.adapters.side_network import Bottleneck, SideNetwork
+from recbole_perpeft.adapters.registry import register_adapter_family
+from recbole_perpeft.adapters.side_network import Bottleneck, SideNetwork, SideNetworkFamily
 
 
 class IISAN(SideNetwork):
+    family = "IISAN"
+
     def __init__(self, widths: dict[str, list[int]], config):
         super().__init__(widths, config)
         n = self.n_blocks
@@ -56,3 +59,8 @@ class IISAN(SideNetwork):
                 h = adapter(h + sum(weights[i, j] * inputs[m][i] for j, m in enumerate(self.modalities)))
             parts["inter"] = h
         return parts, per_modality
+
+
+@register_adapter_family("IISAN")
+class IISANFamily(SideNetworkFamily):
+    network_class = IISAN

@@ -8,7 +8,10 @@ Named adapters share one expert pool: the first adapter of a layer owns it (``mo
 ``moda_B.<first>.weight``, expert ``e`` being rows ``e*k:(e+1)*k`` of A and the same columns of B, so one
 expert is exactly LoRA), and every adapter owns only a gate (``moda_gate.<name>.embedding.weight``
 [n_conditions, condition_dim], ``moda_gate.<name>.proj.{weight,bias}``). Groups thus mix the same experts
-differently. The condition of the next forward is set with :func:`set_condition`."""
+differently. The condition of the next forward is set with :func:`set_condition`.
+
+As an adapter family (``peft_type: MODA``, :class:`MoDAFamily`): the condition is the modality being
+encoded; defaults in ``properties/adapter/MODA.yaml``."""
 
 from __future__ import annotations
 
@@ -21,15 +24,26 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from recbole_perpeft.adapters.base import GLOBAL_ADAPTER, group_adapter_name
+from recbole_perpeft.adapters.peft_adapter import PeftFamily
+from recbole_perpeft.adapters.registry import family_defaults, register_adapter_family
+
+# The expert/gate sizes' defaults: the family's YAML, so a bare MoDAConfig matches a run's defaults.
+_YAML = family_defaults("MODA").get("peft_config") or {}
+
 
 @dataclass
 class MoDAConfig(LoraConfig):
     """LoraConfig plus the expert/gate sizes; registers :class:`MoDALinear` for ``nn.Linear`` targets so
     ``get_peft_model(module, MoDAConfig(...))`` builds MoDA layers (peft type stays LORA)."""
 
-    n_experts: int = field(default=4, metadata={"help": "experts sharing the rank r (r % n_experts == 0)"})
+    n_experts: int = field(
+        default=_YAML.get("n_experts", 4), metadata={"help": "experts sharing the rank r (r % n_experts == 0)"}
+    )
     n_conditions: int = field(default=1, metadata={"help": "number of conditions, e.g. modalities"})
-    condition_dim: int = field(default=8, metadata={"help": "size of the learned condition embedding"})
+    condition_dim: int = field(
+        default=_YAML.get("condition_dim", 8), metadata={"help": "size of the learned condition embedding"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -216,3 +230,33 @@ def set_condition(model: nn.Module, condition: int) -> int:
     for layer in layers:
         layer.condition = condition
     return previous
+
+
+@register_adapter_family("MODA")
+class MoDAFamily(PeftFamily):
+    """MoDA on the adapted encoders; the gate's condition is the index of the modality being encoded.
+    A group's adapter is a gate only: the global adapter's expert pool is shared, frozen in stage 2."""
+
+    @staticmethod
+    def config_class(peft_type: str) -> type:
+        return MoDAConfig
+
+    def complete_kwargs(self, kwargs: dict, tower) -> dict:
+        return {"n_conditions": len(tower.foundation.modalities), **kwargs}
+
+    def foundation_vectors(self, modality: str, items: torch.Tensor) -> torch.Tensor:
+        if self.peft_models:  # none when no modality is adapted (e.g. image only, image tower frozen)
+            set_condition(self.foundation, self.foundation.modalities.index(modality))
+        return super().foundation_vectors(modality, items)
+
+    @torch.no_grad()
+    def copy_global_to_groups(self) -> None:
+        """Gate by gate, over peft's per-adapter containers (``adapter_layer_names``): peft's state-dict
+        helpers select MoDA's keys only from peft 0.21 on, and the pool has no group entry to copy."""
+        for layer in moda_layers(self.foundation):
+            for attr in layer.adapter_layer_names:
+                container = getattr(layer, attr)
+                for group in range(self.n_groups):
+                    name = group_adapter_name(group)
+                    if name in container and GLOBAL_ADAPTER in container:
+                        container[name].load_state_dict(container[GLOBAL_ADAPTER].state_dict())

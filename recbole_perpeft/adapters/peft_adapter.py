@@ -1,59 +1,62 @@
-"""HF peft methods on the foundation model, configured in YAML.
+"""HF peft methods inside the foundation model: one generic family for every peft ``PeftType``.
 
-``peft_type`` is any peft ``PeftType`` name (LORA, IA3, LOHA, ...) and ``peft_config`` the keyword
-arguments of its config class. Target modules default per backbone (below, from the paper); for
-other types peft's own per-architecture defaults apply, so a new peft method needs no code. MODA is our
-own LoRA variant (``moda.py``), built through peft's custom-layer API."""
+``peft_type`` is any peft method name (LORA, IA3, LOHA, ...) and ``peft_config`` the keyword arguments
+of its config class, over the defaults in ``properties/adapter/<TYPE>.yaml`` (``peft_config``, and
+``peft_targets``: target modules per encoder architecture, from the paper). A method without a YAML
+gets peft's own per-architecture defaults, so a new peft method needs no code. Adapted modalities
+(text, and image with ``adapt_image_tower``) are encoded per batch; the others come from the frozen
+cache (``frozen.py``). PerPEFT's groups are peft named adapters (``group_<g>``) beside ``default``."""
 
 from __future__ import annotations
 
-from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model
+import dataclasses
+from logging import getLogger
 
-from recbole_perpeft.adapters.moda import MoDAConfig
-from recbole_perpeft.adapters.side_network import SIDE_PEFT_TYPES
+import torch
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
 
-# peft's methods plus ours; MoDAConfig is a LoraConfig, so peft itself knows it as LORA.
-CONFIG_CLASSES = {**PEFT_TYPE_TO_CONFIG_MAPPING, "MODA": MoDAConfig}
+from recbole_perpeft.adapters.base import GLOBAL_ADAPTER, group_adapter_name, named_adapter_parameters
+from recbole_perpeft.adapters.frozen import FrozenFamily
+from recbole_perpeft.adapters.registry import (
+    family_defaults,
+    family_settings,
+    get_adapter_family,
+    option,
+    register_adapter_family,
+)
 
-# Paper: LoRA on the query/value projections, (IA)3 on key, value and the first feed-forward layer.
-DEFAULT_TARGETS = {
-    "LORA": {
-        "bert": {"target_modules": ["query", "value"]},
-        "clip": {"target_modules": ["q_proj", "v_proj"]},
-    },
-    "IA3": {
-        "bert": {
-            "target_modules": ["key", "value", "intermediate.dense"],
-            "feedforward_modules": ["intermediate.dense"],
-        },
-        "clip": {"target_modules": ["k_proj", "v_proj", "fc1"], "feedforward_modules": ["fc1"]},
-    },
-}
-DEFAULT_TARGETS["MODA"] = DEFAULT_TARGETS["LORA"]  # MoDA replaces LoRA on the same layers
+ALPHA_KEYS = ("lora_alpha", "alpha")  # the scale numerator next to r (LoRA & co.; LoHa/LoKr)
 
 
-def build_peft_config(peft_type: str, model_type: str | None, overrides: dict | None = None):
+def encoder_type(module) -> str | None:
+    """The key of ``peft_targets`` for a backbone: its transformers ``model_type``, a CLIP tower as clip."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    return "clip" if model_type in ("clip_text_model", "clip_vision_model") else model_type
+
+
+def build_peft_config(peft_type: str, model_type: str | None, overrides: dict | None = None, targets=None):
+    """peft's config object for ``peft_type`` on an encoder of ``model_type``: the encoder's entry of
+    ``targets`` (default: the YAML's ``peft_targets``), the YAML's ``peft_config``, then ``overrides``
+    (whose ``target_modules``, if any, replace the targets')."""
+    family = get_adapter_family(peft_type)
+    if not issubclass(family, PeftFamily):
+        raise ValueError(f"peft_type '{peft_type}' is a side network or no adapter, not a peft method.")
     key = str(peft_type).upper()
-    if key not in CONFIG_CLASSES:
-        raise ValueError(
-            f"peft_type '{peft_type}' is unknown; choose a side network ({', '.join(SIDE_PEFT_TYPES)}) or a peft "
-            f"method ({', '.join(sorted(CONFIG_CLASSES))}), or use the FrozenMM model for none."
-        )
-    kwargs = dict(DEFAULT_TARGETS.get(key, {}).get(model_type, {}))
-    kwargs.update(overrides or {})
+    defaults = family_defaults(key)
+    targets = (defaults.get("peft_targets") or {}) if targets is None else targets
+    kwargs = {**(targets.get(model_type) or {}), **(defaults.get("peft_config") or {}), **(overrides or {})}
     try:
-        return CONFIG_CLASSES[key](**kwargs)
+        return family.config_class(key)(**kwargs)
     except TypeError as err:
         raise ValueError(f"peft_config does not fit peft's {key} config: {err}") from err
 
 
-def attach_peft(module, peft_type: str, overrides: dict | None = None, adapter_name: str = "default"):
+def attach_peft(module, peft_type: str, overrides: dict | None = None, adapter_name: str = GLOBAL_ADAPTER,
+                targets: dict | None = None):  # fmt: skip
     """Inject a peft method into ``module`` in place; return the ``PeftModel`` handle (used to add
     and switch named adapters). Only the adapter's parameters stay trainable."""
-    model_type = getattr(getattr(module, "config", None), "model_type", None)
-    if model_type in ("clip_text_model", "clip_vision_model"):
-        model_type = "clip"  # a single CLIP tower: same layer names
-    peft_config = build_peft_config(peft_type, model_type, overrides)
+    peft_config = build_peft_config(peft_type, encoder_type(module), overrides, targets)
     try:
         return get_peft_model(module, peft_config, adapter_name=adapter_name)
     except (ValueError, AssertionError, TypeError) as err:
@@ -61,3 +64,115 @@ def attach_peft(module, peft_type: str, overrides: dict | None = None, adapter_n
             f"peft could not attach {peft_type} to {type(module).__name__}: {err}. Set peft_config's "
             "target_modules to layers of this encoder."
         ) from err
+
+
+@register_adapter_family(*PEFT_TYPE_TO_CONFIG_MAPPING)
+class PeftFamily(FrozenFamily):
+    """Any peft method, attached to the encoders of the adapted modalities."""
+
+    name = None  # one class for many names: the run's peft_type (see __init__)
+
+    @staticmethod
+    def config_class(peft_type: str) -> type:
+        return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+
+    @classmethod
+    def peft_kwargs(cls, config, peft_type: str) -> tuple[dict, dict]:
+        """(peft_config keywords, peft_targets) for the run: the YAML's, then the deprecated
+        ``peft_defaults[peft_type]`` if a config still has it, then the user's ``peft_config``."""
+        settings = family_settings(peft_type, config)
+        kwargs = dict(family_defaults(peft_type).get("peft_config") or {})
+        legacy = (option(config, "peft_defaults", {}) or {}).get(peft_type) or {}
+        changed = {k: v for k, v in legacy.items() if kwargs.get(k, object()) != v}
+        if changed:
+            getLogger().warning(
+                f"peft_defaults is deprecated: the {peft_type} defaults live in recbole_perpeft/properties/adapter/"
+                f"{peft_type}.yaml; set peft_config instead. Applying its {changed} over them."
+            )
+        kwargs.update(legacy)
+        kwargs.update(option(config, "peft_config", {}) or {})
+        return kwargs, settings.get("peft_targets") or {}
+
+    def __init__(self, config, tower, store):
+        self.name = str(config["peft_type"]).upper()
+        self.adapted = [m for m in tower.modalities if m == "text" or config["adapt_image_tower"]]
+        kwargs, targets = self.peft_kwargs(config, self.name)
+        kwargs = self.complete_kwargs(kwargs, tower)
+        # Handles to the peft wrappers (add/switch named adapters), not modules of the tower: the
+        # adapted layers already live inside the foundation.
+        self.peft_models = [
+            attach_peft(module, self.name, kwargs, targets=targets)
+            for module in tower.foundation.peft_backbones(self.adapted).values()
+        ]
+        super().__init__(config, tower, store)  # after attaching: frozen features of the other modalities
+
+    def complete_kwargs(self, kwargs: dict, tower) -> dict:
+        """Keywords a family derives from the tower (MoDA: its number of conditions)."""
+        return kwargs
+
+    def adapter_parameters(self, adapter: str) -> dict[str, nn.Parameter]:
+        """The parameters of one named adapter, by their names in the foundation."""
+        return named_adapter_parameters(self.foundation, adapter)
+
+    # --- per-group adapters ------------------------------------------------------------------------------
+
+    def add_groups(self, n_groups: int) -> None:
+        for group in range(n_groups):
+            for handle in self.peft_models:
+                handle.add_adapter(group_adapter_name(group), handle.peft_config[GLOBAL_ADAPTER])
+        self.n_groups = n_groups
+        self.forget_adapter_keys()
+
+    @torch.no_grad()
+    def copy_global_to_groups(self) -> None:
+        """With peft's own adapter state-dict helpers (they rename the adapter); a key they did not set is
+        an error, not a silently random group adapter."""
+        for handle in self.peft_models:
+            state = get_peft_model_state_dict(handle, adapter_name=GLOBAL_ADAPTER, save_embedding_layers=False)
+            for group in range(self.n_groups):
+                name = group_adapter_name(group)
+                result = set_peft_model_state_dict(handle, state, adapter_name=name)
+                missed = set(result.missing_keys) & set(named_adapter_parameters(handle, name))
+                if missed:
+                    raise RuntimeError(
+                        f"peft did not copy the global {self.name} adapter into {name}: {sorted(missed)}"
+                    )
+
+    def group_parameters(self, group: int) -> list[nn.Parameter]:
+        return list(self.adapter_parameters(group_adapter_name(group)).values())
+
+    def activate(self, group: int | None) -> None:
+        super().activate(group)
+        name = GLOBAL_ADAPTER if group is None else group_adapter_name(group)
+        for handle in self.peft_models:
+            handle.set_adapter(name)  # this also flips requires_grad: set them back below
+        for adapter in [GLOBAL_ADAPTER] + [group_adapter_name(g) for g in range(self.n_groups)]:
+            for param in self.adapter_parameters(adapter).values():
+                param.requires_grad_(adapter != GLOBAL_ADAPTER)
+
+    # --- LargeGlobalPEFT ---------------------------------------------------------------------------------
+
+    @classmethod
+    def rank_keys(cls, config, peft_type: str) -> dict:
+        """{key: value} of the rank ``r`` and its alpha, as the run will use them (peft's class
+        defaults where neither the YAML nor the user set them); empty for a method without a rank."""
+        kwargs, _ = cls.peft_kwargs(config, peft_type)
+        fields = {f.name: f.default for f in dataclasses.fields(cls.config_class(peft_type))}
+        if "r" not in fields:
+            return {}
+        return {key: kwargs.get(key, fields[key]) for key in ("r", *ALPHA_KEYS) if key in fields}
+
+    @classmethod
+    def scaled(cls, config, factor: int) -> tuple[dict, dict]:
+        """``r`` (and alpha with it: the update scale alpha / r stays the base model's) times ``factor``."""
+        peft_type = str(config["peft_type"]).upper()
+        ranks = cls.rank_keys(config, peft_type)
+        if not ranks:
+            return super().scaled(config, factor)
+        scaled = {key: (value, value * factor) for key, value in ranks.items()}
+        kwargs, _ = cls.peft_kwargs(config, peft_type)
+        return {"peft_config": {**kwargs, **{k: new for k, (_, new) in scaled.items()}}}, scaled
+
+    def base_parameter_count(self, base_config, factor: int) -> int:
+        own = super().base_parameter_count(base_config, factor)
+        return own // factor if self.rank_keys(base_config, self.name) else own  # linear in r

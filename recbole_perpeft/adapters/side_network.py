@@ -1,20 +1,20 @@
-"""What the side networks (IISAN, CROSSAN) share: bottleneck adapter blocks and the inputs they read.
+"""What the side networks (IISAN, CROSSAN) share: bottleneck adapter blocks, the inputs they read, and
+their adapter family (:class:`SideNetworkFamily`).
 
 A side network never runs the foundation model: it reads each modality's per-layer summary vectors,
 computed once and cached on disk (``recbole_perpeft.encoders.hidden_states``), so no gradient can
 reach the foundation and an epoch costs about as much as the recommender itself. Which layers are
-read is the LayerDrop setting (``side_layers``; by default every other hidden state)."""
+read is the LayerDrop setting (``side_layers``; by default every other hidden state). The keys and
+their defaults: ``properties/adapter/IISAN.yaml`` / ``CROSSAN.yaml``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-SIDE_PEFT_TYPES = ("IISAN", "CROSSAN")
-
-
-def is_side_network(peft_type) -> bool:
-    return str(peft_type).upper() in SIDE_PEFT_TYPES
+from recbole_perpeft.adapters.base import ModuleFamily
+from recbole_perpeft.adapters.registry import family_settings, positive_int
+from recbole_perpeft.encoders.hidden_states import load_layer_states, select_layers
 
 
 class Bottleneck(nn.Module):
@@ -77,12 +77,20 @@ class SideNetwork(nn.Module):
     the item tower's projector concatenates (widths in ``out_dims``), and one vector per modality
     (for auxiliary losses such as CMSA)."""
 
+    family = ""  # the adapter family whose YAML holds this network's defaults (set by subclasses)
+
     def __init__(self, widths: dict[str, list[int]], config):
         super().__init__()
         self.modalities = list(widths)
-        self.n_blocks = config["side_blocks"] or max(len(w) for w in widths.values())
-        self.hidden = config["side_adapter_size"] or 32
-        self.side_width = config["side_width"] or min(w[-1] for w in widths.values())
+        self.settings = settings = family_settings(self.family, config)
+        # ~ derives a size from the encoders; a 0 is refused (positive_int), never taken for ~.
+        if settings["side_blocks"] is None:
+            settings["side_blocks"] = max(len(w) for w in widths.values())
+        if settings["side_width"] is None:
+            settings["side_width"] = min(w[-1] for w in widths.values())
+        self.n_blocks = positive_int(settings["side_blocks"], "side_blocks")
+        self.hidden = positive_int(settings["side_adapter_size"], "side_adapter_size")
+        self.side_width = positive_int(settings["side_width"], "side_width")
         self.inputs = nn.ModuleDict({m: SideInputs(w, self.n_blocks, self.side_width) for m, w in widths.items()})
         self.width = {m: self.side_width for m in self.modalities}  # per modality, for auxiliary losses
         self.out_dims: dict[str, int] = {}
@@ -91,14 +99,49 @@ class SideNetwork(nn.Module):
         return {m: self.inputs[m](states[m], present[m]) for m in self.modalities}
 
 
-def build_side_network(peft_type: str, widths: dict[str, list[int]], config) -> SideNetwork:
-    key = str(peft_type).upper()
-    if key == "IISAN":
-        from recbole_perpeft.adapters.iisan import IISAN
+class SideNetworkFamily(ModuleFamily):
+    """A side network (``network_class``) over each modality's cached per-layer states."""
 
-        return IISAN(widths, config)
-    if key == "CROSSAN":
-        from recbole_perpeft.adapters.crossan import CROSSAN
+    network_class: type[SideNetwork]
 
-        return CROSSAN(widths, config)
-    raise ValueError(f"peft_type '{peft_type}' is not a side network; choose one of {', '.join(SIDE_PEFT_TYPES)}.")
+    def __init__(self, config, tower, store):
+        settings = self.settings(config)
+        self.layer_states = {m: self._layer_states(tower, store, m, settings) for m in tower.modalities}
+        widths = {m: states.widths for m, states in self.layer_states.items()}
+        super().__init__(config, tower, store, self.network_class(widths, config))
+        self.out_dims = dict(self.network.out_dims)
+        self.modality_dims = dict(self.network.width)
+
+    @staticmethod
+    def _layer_states(tower, store, modality: str, settings: dict):
+        """The modality's selected per-layer states for every item, from the on-disk cache (built once,
+        with a progress bar). ``side_layers``: None (every ``side_layer_stride``-th hidden state, the last
+        included), a list of hidden-state indices, or such a list per modality."""
+        spec = settings["side_layers"]
+        layers = select_layers(
+            tower.foundation.num_layer_states(modality),
+            spec.get(modality) if isinstance(spec, dict) else spec,
+            settings["side_layer_stride"],
+        )
+        return load_layer_states(
+            store, tower.foundation, modality, layers,
+            encode_inputs=lambda items: tower.item_inputs(modality, items),
+            present=tower.has(modality),
+            batch_size=tower.encode_batch_size,
+            show_progress=tower.show_progress,
+        )  # fmt: skip
+
+    def encode(self, items: torch.Tensor) -> tuple[dict, dict]:
+        states = {m: self.layer_states[m].gather(items) for m in self.tower.modalities}
+        return self.active_network(states, {m: self.tower.has(m)[items] for m in self.tower.modalities})
+
+    @classmethod
+    def scaled(cls, config, factor: int) -> tuple[dict, dict]:
+        """The bottleneck width of every adapter block, ``side_adapter_size``, times ``factor``."""
+        size = positive_int(cls.settings(config)["side_adapter_size"], "side_adapter_size")
+        return {"side_adapter_size": size * factor}, {"side_adapter_size": (size, size * factor)}
+
+    def base_parameter_count(self, base_config, factor: int) -> int:
+        """Exact: a base-size network built and counted (its size is not linear in the bottleneck)."""
+        widths = {m: states.widths for m, states in self.layer_states.items()}
+        return sum(p.numel() for p in self.network_class(widths, base_config).parameters())

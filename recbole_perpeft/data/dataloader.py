@@ -119,31 +119,12 @@ class GroupBatchSampler(torch.utils.data.Sampler):
         return iter(self.batches(epoch))
 
 
-class GroupedUserSequenceDataLoader(UserSequenceDataLoader):
-    """:class:`UserSequenceDataLoader` whose batches each hold users of one group (PerPEFT §3.3.2).
+class GroupBatchesMixin:
+    """What the grouped loaders share (put it first among the bases): batches from a
+    :class:`GroupBatchSampler` over ``self.row_group`` (the group of each of ``self.sample_size`` rows),
+    and its epoch counter in the loader state (resume)."""
 
-    ``group_of_user[u]`` is the group of internal user id ``u`` (-1: none); every user of the
-    training data needs a group. Batches carry ``GROUP_ID`` [B] (one value) and draw their
-    negatives with ``sampler.sample(history, L, group=g)`` (group pools with a
-    :class:`~recbole_perpeft.data.sampler.GroupNegativeSampler`, all items with a
-    :class:`~recbole_perpeft.data.sampler.SequenceNegativeSampler`). Batch order: see
-    :class:`GroupBatchSampler`; it is seeded from ``config["seed"]`` and the epoch."""
-
-    def __init__(self, config, dataset, sampler, group_of_user: np.ndarray, shuffle=True):
-        if not config["single_spec"]:
-            raise ValueError("GroupedUserSequenceDataLoader does not support distributed training.")
-        self.user_data = user_sequences(dataset)
-        self.sample_size = len(self.user_data)
-        self.seq_field = dataset.item_id_list_field
-        group_of_user = np.asarray(group_of_user)
-        users = self.user_data[dataset.uid_field].numpy()
-        if len(users) and users.max() >= len(group_of_user):
-            raise ValueError(f"group_of_user has {len(group_of_user)} entries; user id {users.max()} has none.")
-        self.row_group = group_of_user[users].astype(np.int64)
-        ungrouped = int((self.row_group < 0).sum())
-        if ungrouped:
-            raise ValueError(f"{ungrouped} user(s) of the training data have no group (group_of_user < 0).")
-
+    def _init_group_batches(self, config, dataset, sampler, shuffle) -> None:
         # What AbstractDataLoader.__init__ sets; it cannot be called since it passes batch_size/shuffle
         # to torch's DataLoader, which then rejects a batch_sampler.
         self.shuffle = shuffle
@@ -177,6 +158,34 @@ class GroupedUserSequenceDataLoader(UserSequenceDataLoader):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.group_batch_sampler.epoch = int(state["batch_epoch"])
+
+
+class GroupedUserSequenceDataLoader(GroupBatchesMixin, UserSequenceDataLoader):
+    """:class:`UserSequenceDataLoader` whose batches each hold users of one group (PerPEFT §3.3.2).
+
+    ``group_of_user[u]`` is the group of internal user id ``u`` (-1: none); every user of the
+    training data needs a group. Batches carry ``GROUP_ID`` [B] (one value) and draw their
+    negatives with ``sampler.sample(history, L, group=g)`` (group pools with a
+    :class:`~recbole_perpeft.data.sampler.GroupNegativeSampler`, all items with a
+    :class:`~recbole_perpeft.data.sampler.SequenceNegativeSampler`). Batch order: see
+    :class:`GroupBatchSampler`; it is seeded from ``config["seed"]`` and the epoch."""
+
+    def __init__(self, config, dataset, sampler, group_of_user: np.ndarray, shuffle=True):
+        if not config["single_spec"]:
+            raise ValueError("GroupedUserSequenceDataLoader does not support distributed training.")
+        self.user_data = user_sequences(dataset)
+        self.sample_size = len(self.user_data)
+        self.seq_field = dataset.item_id_list_field
+        group_of_user = np.asarray(group_of_user)
+        users = self.user_data[dataset.uid_field].numpy()
+        if len(users) and users.max() >= len(group_of_user):
+            raise ValueError(f"group_of_user has {len(group_of_user)} entries; user id {users.max()} has none.")
+        self.row_group = group_of_user[users].astype(np.int64)
+        ungrouped = int((self.row_group < 0).sum())
+        if ungrouped:
+            raise ValueError(f"{ungrouped} user(s) of the training data have no group (group_of_user < 0).")
+
+        self._init_group_batches(config, dataset, sampler, shuffle)
 
     def collate_fn(self, index):
         groups = np.unique(self.row_group[np.asarray(index)])

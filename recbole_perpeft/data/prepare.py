@@ -1,8 +1,8 @@
 """Make a dataset's atomic files exist: the Amazon 2023 pipeline, or an import of another layout.
 
-On first use ``Config`` calls :func:`ensure_atomic_files` (a dataset whose YAML names an
-``amazon_category`` is downloaded and preprocessed; one with a ``raw_layout`` is imported from
-``raw_dir``). The same runs alone from the command line::
+On first use ``recbole_perpeft.data.create_dataset`` calls :func:`ensure_atomic_files` (a dataset whose
+YAML names an ``amazon_category`` is downloaded and preprocessed; one with a ``raw_layout`` is imported
+from ``raw_dir``); building a ``Config`` alone never does. The same runs alone from the command line::
 
     python -m recbole_perpeft.data.prepare --dataset=amazon-arts [--raw_dir=DIR] [--data_path=dataset/]
         [--download=false] [--images=true|false] [--force]
@@ -25,15 +25,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from recbole_perpeft.data.amazon import (
-    DEFAULT_BASE_URLS,
-    DatasetUnavailableError,
-    fetch_raw_files,
-    preprocess,
-    read_image_urls,
-)
+from recbole_perpeft.data.amazon import preprocess, read_image_urls
+from recbole_perpeft.data.amazon_download import DEFAULT_BASE_URLS, DatasetUnavailableError, fetch_raw_files
 from recbole_perpeft.data.images import download_images
 from recbole_perpeft.data.importers import LAYOUTS, has_layout, import_layout, layout_files
+from recbole_perpeft.property_files import PROPERTIES_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +161,8 @@ def prepare(o: PrepareOptions) -> None:
 
 @contextlib.contextmanager
 def _visible_logs() -> Iterator[None]:
-    """Config runs before RecBole sets up logging: show our progress messages on stderr meanwhile."""
+    """Without RecBole's logging set up (create_dataset called from a notebook or a script, not through
+    quick_start.run): show our progress messages on stderr meanwhile."""
     root = logging.getLogger()
     if root.handlers:
         yield
@@ -202,8 +199,6 @@ def ensure_atomic_files(config: Mapping) -> bool:
 def _yaml_settings(dataset: str) -> dict:
     """recbole_perpeft/properties/overall.yaml + properties/dataset/<dataset>.yaml: the keys a run would see."""
     import yaml
-
-    from recbole_perpeft.config import PROPERTIES_DIR
 
     settings: dict = {}
     for path in (PROPERTIES_DIR / "overall.yaml", PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"):

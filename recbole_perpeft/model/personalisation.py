@@ -24,36 +24,62 @@ import torch
 from torch import nn
 
 from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
+from recbole_perpeft.model.backbones.base import Triples
 from recbole_perpeft.model.sequence_encoder import SASRecEncoder
 from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
+from recbole_perpeft.two_stage import TwoStageTrainer
 
 
 class TwoStageGrouped:
-    """Marker of the models trained in two stages with user interest groups (PerPEFT and the
-    group-level baselines): ``recbole_perpeft.two_stage.TwoStageRun`` trains GlobalPEFT, groups the
-    users, builds the model and calls ``load_global(global_state, groups)``.
+    """Mixin of the models trained in two stages with user interest groups (PerPEFT, the group-level
+    baselines, SharedGroupPEFT; put it first among the bases): the registry gives them
+    :class:`~recbole_perpeft.two_stage.TwoStageTrainer`, which trains GlobalPEFT, groups the users and
+    calls ``load_global(global_state, groups)`` on the model it was built with.
 
     Its YAML (``recbole_perpeft/properties/model/TwoStageGrouped.yaml``: n_groups, grouping_method,
     stage epochs, ...) is read for every subclass, since the config extends YAMLs along the class MRO."""
 
-    grouped = True  # trained on GroupedUserSequenceDataLoader batches
+    trainer_class = TwoStageTrainer
+    user_groups = None  # recbole_perpeft.grouping.UserGroups, once set_groups ran
+
+    def load_global(self, global_state: dict, groups) -> None:
+        """Start stage 2 from a trained GlobalPEFT: every key of this model not ``is_fresh_key`` must
+        come from ``global_state``, and nothing in it may be left over (hooks: GlobalPEFT's)."""
+        result = self.load_state_dict(self.adapt_global_state(global_state), strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"Not a GlobalPEFT state for this configuration: {result.unexpected_keys}")
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = [
+            k for k in result.missing_keys
+            if not self._is_frozen_foundation_key(k, trainable) and not self.is_fresh_key(k)
+        ]  # fmt: skip
+        if missing:
+            raise RuntimeError(f"The GlobalPEFT state lacks {missing}: not a GlobalPEFT of this configuration.")
+        self.after_global_loaded()
+        self.set_groups(groups)
+
+    def set_groups(self, groups) -> None:
+        self.user_groups = groups
 
 
 class PersonalisedGlobalPEFT(GlobalPEFT):
     """GlobalPEFT plus a personal vector per user or per group; subclasses say where it enters the
-    sequence encoder (:meth:`encode_personalised`) and which output position represents the user."""
+    sequence encoder (:meth:`encode_personalised`) and which output position represents the user.
+    Both mechanisms live inside SASRec's sequence, so these models need ``backbone: SASRec``."""
 
     personal_source = "user"  # "user": by user id; "group": by the user's interest group
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        if self.backbone_name != "SASRec":
+            raise ValueError(f"{type(self).__name__} puts a personal vector into SASRec's sequence: it needs "
+                             f"backbone: SASRec, not {self.backbone_name}.")
         hidden = config["hidden_size"]
         if self.personal_source == "group":
             n_groups = config["n_groups"]
-            if not n_groups or n_groups < 1:
+            if not isinstance(n_groups, int) or n_groups < 1:
                 raise ValueError(f"{type(self).__name__} needs n_groups >= 1, got {n_groups!r}.")
             self.register_buffer("group_of_user", torch.full((dataset.user_num,), -1, dtype=torch.long))
-            self.user_groups = None  # recbole_perpeft.grouping.UserGroups, once set_groups ran
             self.personal_embedding = nn.Embedding(n_groups, hidden)
         elif self.personal_source == "user":
             self.personal_embedding = nn.Embedding(dataset.user_num, hidden, padding_idx=0)
@@ -62,6 +88,10 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
         self.personal_embedding.weight.data.normal_(mean=0.0, std=self.initializer_range)
         if self.personal_source == "user":
             self.personal_embedding.weight.data[0].zero_()
+
+    @property
+    def sequence_encoder(self):
+        return self.backbone.encoder
 
     # --- where the vector comes from ---------------------------------------------------------------------
 
@@ -94,11 +124,12 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
 
     # --- the model ---------------------------------------------------------------------------------------
 
-    def forward(self, item_seq, item_seq_len, user_ids, table=None):
+    def user_vectors(self, interaction, group=None):
         """User representations [B, H] for sequences of known users."""
-        table = self.item_table() if table is None else table
-        output = self.encode_personalised(table[item_seq], item_seq, item_seq_len, self.personal_vectors(user_ids))
-        return self.gather_indexes(output, self.user_positions(item_seq_len))
+        table = self.item_table(group)
+        seq, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        output = self.encode_personalised(table[seq], seq, lengths, self.personal_vectors(interaction[self.USER_ID]))
+        return self.gather_indexes(output, self.user_positions(lengths))
 
     def calculate_loss(self, interaction):
         """GlobalPEFT's loss (Eq. 1, or loss_type) at every position the encoder outputs for a target
@@ -110,18 +141,11 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
         emb = vectors[inverse]  # [3, B, L, H]
         personal = self.personal_vectors(interaction[self.USER_ID])
         output = self.encode_personalised(emb[0], seq, lengths, personal)
-        pos_emb, neg_emb = self.align(emb[1], lengths), self.align(emb[2], lengths)
-        loss = self.recommendation_loss(output, pos_emb, neg_emb, self.align(pos, lengths), items, vectors)
-        return loss + self.cmsa_weight * alignment
-
-    def predict(self, interaction):
-        user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.USER_ID])
-        return (user * self.item_table()[interaction[self.ITEM_ID]]).sum(-1)
-
-    def full_sort_predict(self, interaction):
-        table = self.item_table()
-        seq, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        return self.forward(seq, lengths, interaction[self.USER_ID], table) @ table.T
+        targets = self.align(pos, lengths)
+        mask = targets > 0
+        triples = Triples(user=output[mask], pos=self.align(emb[1], lengths)[mask],
+                          neg=self.align(emb[2], lengths)[mask], pos_items=targets[mask])  # fmt: skip
+        return self.recommendation_loss(triples, items, vectors) + self.cmsa_weight * alignment
 
     # --- accounting ----------------------------------------------------------------------------------------
 
@@ -140,6 +164,9 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
         """State keys a GlobalPEFT checkpoint does not have (initialised fresh by load_global)."""
         return ("personal_embedding.", "group_of_user")
 
+    def is_fresh_key(self, key: str) -> bool:
+        return key.startswith(self.new_state_prefixes())
+
     def adapt_global_state(self, state: dict) -> dict:
         """A GlobalPEFT state made to fit this model (load_global)."""
         return state
@@ -154,8 +181,8 @@ class AppendPersonalVector(PersonalisedGlobalPEFT):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         # One more position than GlobalPEFT: a full sequence's user vector sits at index max_seq_length.
-        self.sequence_encoder = SASRecEncoder(config, self.max_seq_length + 1)
-        self.sequence_encoder.apply(self._init_weights)
+        self.backbone.encoder = SASRecEncoder(config, self.max_seq_length + 1)
+        self.backbone.encoder.apply(self._init_weights)
 
     @staticmethod
     def _put_at_end(per_position: torch.Tensor, item_seq_len: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -180,7 +207,7 @@ class AppendPersonalVector(PersonalisedGlobalPEFT):
     def adapt_global_state(self, state: dict) -> dict:
         """A GlobalPEFT state has max_seq_length position embeddings: the extra (user) one keeps
         its fresh initialisation."""
-        key = "sequence_encoder.position_embedding.weight"
+        key = "backbone.encoder.position_embedding.weight"
         own = self.sequence_encoder.position_embedding.weight
         if key in state and state[key].shape[0] == own.shape[0] - 1:
             state = dict(state)
@@ -229,20 +256,8 @@ class GroupPersonalisation(TwoStageGrouped):
 
     personal_source = "group"
 
-    def load_global(self, global_state: dict, groups) -> None:
-        state = self.adapt_global_state(global_state)
-        result = self.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"Not a GlobalPEFT state for this configuration: {result.unexpected_keys}")
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        missing = [
-            k for k in result.missing_keys
-            if not self._is_frozen_foundation_key(k, trainable) and not k.startswith(self.new_state_prefixes())
-        ]  # fmt: skip
-        if missing:
-            raise RuntimeError(f"The GlobalPEFT state lacks {missing}: not a GlobalPEFT of this configuration.")
+    def after_global_loaded(self) -> None:
         getLogger().info(f"{type(self).__name__}: GlobalPEFT loaded; new: {', '.join(self.new_state_prefixes())}")
-        self.set_groups(groups)
 
     def set_groups(self, groups) -> None:
         if groups.n_groups != self.personal_embedding.num_embeddings:
@@ -252,5 +267,5 @@ class GroupPersonalisation(TwoStageGrouped):
         labels = torch.as_tensor(groups.labels, dtype=torch.long)
         if labels.shape != self.group_of_user.shape:
             raise ValueError(f"Group labels for {len(labels)} users; the model has {len(self.group_of_user)}.")
-        self.user_groups = groups
+        super().set_groups(groups)
         self.group_of_user.copy_(labels)

@@ -30,3 +30,15 @@ class SASRecEncoder(nn.Module):
         positions = torch.arange(item_emb.size(1), device=item_emb.device)
         x = self.dropout(self.LayerNorm(item_emb + self.position_embedding(positions).unsqueeze(0)))
         return self.trm_encoder(x, attention_mask, output_all_encoded_layers=True)[-1]
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """SASRec's initialisation (RecBole's): normal(0, std) Linear/Embedding weights, zero biases,
+    LayerNorm 1/0. Use as ``module.apply(lambda m: init_weights(m, std))``."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()

@@ -1,9 +1,14 @@
 """Global PEFT (paper §3.1): one PEFT module for all users.
 
 item vector = ID embedding + projector([modality vectors of the PEFT-attached foundation model, or
-a side network's outputs]); SASRec over the sequence; binary cross-entropy with one sampled negative
-at every position (Eq. 1), or (``loss_type: INBATCH``) IISAN/CROSSAN's in-batch cross-entropy with
-popularity correction. ``cmsa_weight`` > 0 adds SDA's cross-modal alignment loss on the batch's items."""
+a side network's outputs]); a backbone recommender over them (``backbone``: SASRec over the sequence,
+or LightGCN over the user-item graph, ``model/backbones``); binary cross-entropy with one sampled
+negative per training position (Eq. 1), BPR, or (``loss_type: INBATCH``) IISAN/CROSSAN's in-batch
+cross-entropy with popularity correction. ``cmsa_weight`` > 0 adds SDA's cross-modal alignment loss
+on the batch's items.
+
+Item tables (every item's vector, for evaluation) are cached once per evaluation, keyed by group:
+``None`` is the global adapter's; personalised subclasses (PerPEFT) add one per interest group."""
 
 from __future__ import annotations
 
@@ -14,18 +19,17 @@ from recbole.utils import InputType
 from torch import nn
 from tqdm import tqdm
 
-from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
+from recbole_perpeft.model.backbones import build_backbone, get_backbone
 from recbole_perpeft.model.item_tower import ItemTower
 from recbole_perpeft.model.losses import CrossModalAlignment, inbatch_popularity_ce, item_log_popularity
-from recbole_perpeft.model.sequence_encoder import SASRecEncoder
+from recbole_perpeft.model.sequence_encoder import init_weights
 
 FOUNDATION_PREFIX = "item_tower.foundation."
-LOSS_TYPES = ("BCE", "INBATCH")
+LOSS_TYPES = ("BCE", "BPR", "INBATCH")
 
 
 class GlobalPEFT(SequentialRecommender):
     input_type = InputType.POINTWISE
-    one_sequence_per_user = True  # trained on UserSequenceDataLoader batches
     adapt_foundation = True
 
     def __init__(self, config, dataset):
@@ -33,55 +37,60 @@ class GlobalPEFT(SequentialRecommender):
         self.initializer_range = config["initializer_range"]
         self.show_progress = bool(config["show_progress"])
         self.item_id_embedding = nn.Embedding(self.n_items, config["hidden_size"], padding_idx=0)
-        self.sequence_encoder = SASRecEncoder(config, self.max_seq_length)
-        for module in (self.item_id_embedding, self.sequence_encoder):
-            module.apply(self._init_weights)
+        self.item_id_embedding.apply(self._init_weights)
         with torch.no_grad():
             self.item_id_embedding.weight[0].zero_()
+        self.backbone_name = config["backbone"]
+        self.backbone = build_backbone(config, dataset)
         self.item_tower = ItemTower(config, dataset, adapt=self.adapt_foundation)
-        self._item_table = None
-        self.loss_type = str(config["loss_type"] or "BCE").upper()
+        self._tables: dict[int | None, torch.Tensor] = {}  # item tables of this evaluation, by group
+        self.loss_type = str(config["loss_type"]).upper()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"{type(self).__name__}: loss_type must be one of {', '.join(LOSS_TYPES)}, got "
-                             f"{config['loss_type']!r} (BCE: Eq. 1 with a sampled negative; INBATCH: in-batch "
-                             "cross-entropy with popularity correction).")
+                             f"{config['loss_type']!r} (BCE: Eq. 1 with a sampled negative; BPR: the pairwise "
+                             "log-sigmoid; INBATCH: in-batch cross-entropy with popularity correction).")
         if self.loss_type == "INBATCH":
             counts = torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items).float()
             log_pop = item_log_popularity(counts) if config["popularity_correction"] else torch.zeros(self.n_items)
             self.register_buffer("log_popularity", log_pop, persistent=False)
-        self.cmsa_weight = float(config["cmsa_weight"] or 0.0)
+        self.cmsa_weight = float(config["cmsa_weight"])
         self.alignment = self._build_alignment(config) if self.cmsa_weight > 0 else None
+
+    @classmethod
+    def training_loader(cls, config, dataset, sampler, group_of_user=None, shuffle=True):
+        """The training batches this model's backbone needs (``data_preparation`` calls it)."""
+        return get_backbone(config["backbone"]).training_loader(config, dataset, sampler, group_of_user, shuffle)
 
     def _build_alignment(self, config) -> CrossModalAlignment:
         tower = self.item_tower
         if len(tower.modalities) != 2:
             raise ValueError(f"cmsa_weight > 0 aligns two modalities; this run has {tower.modalities}. "
                              "Give the items titles and images (image_dir), or set cmsa_weight: 0.")
-        widths = tower.foundation.out_dims if tower.side is None else tower.side.width
-        return CrossModalAlignment(
-            {m: widths[m] for m in tower.modalities},
-            align_dim=config["cmsa_dim"] or 64,
-            temperature=config["cmsa_temperature"] or 0.07,
-            variant=config["cmsa_variant"] or "cmsa",
-        )
+        widths = tower.modality_dims  # the per-modality vectors the family returns
+        return CrossModalAlignment({m: widths[m] for m in tower.modalities}, align_dim=config["cmsa_dim"],
+                                   temperature=config["cmsa_temperature"], variant=config["cmsa_variant"])
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
+        init_weights(module, self.initializer_range)
 
     # --- item vectors --------------------------------------------------------------------------------
 
-    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        return self.item_id_embedding(items) + self.item_tower(items)
+    def id_embedding_for(self, group: int | None) -> nn.Embedding:
+        """The ID embeddings of one group's items (PerPEFT's global path keeps stage 1's)."""
+        return self.item_id_embedding
+
+    def backbone_for(self, group: int | None):
+        """The backbone that scores one group's users (PerPEFT's global path keeps stage 1's)."""
+        return self.backbone
+
+    def item_vectors(self, items: torch.Tensor, group: int | None = None) -> torch.Tensor:
+        if self.item_tower.n_groups:
+            self.item_tower.activate(group)
+        return self.id_embedding_for(group)(items) + self.item_tower(items)
 
     def item_vectors_and_alignment(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """Item vectors of distinct ``items``, and the cross-modal alignment loss over those that have
-        both modalities (0 when cmsa_weight is 0)."""
+        """Item vectors of distinct ``items`` under the active adapter, and the cross-modal alignment
+        loss over those that have both modalities (0 when cmsa_weight is 0)."""
         parts, per_modality = self.item_tower.encode(items)
         vectors = self.item_id_embedding(items) + self.item_tower.project(parts)
         if self.alignment is None:
@@ -89,65 +98,67 @@ class GlobalPEFT(SequentialRecommender):
         both = self.item_tower.present(items)
         return vectors, self.alignment({m: v[both] for m, v in per_modality.items()})
 
-    def item_table(self) -> torch.Tensor:
-        """Every item's vector, computed once per evaluation (batched, no grad) and reused until
-        the model goes back to training."""
-        if self._item_table is None or self.training:
+    def item_table(self, group: int | None = None) -> torch.Tensor:
+        """Every item's vector under one group's adapter (None: the global one), computed once per
+        evaluation (batched, no grad) and reused until the model goes back to training."""
+        if group not in self._tables or self.training:
             items = torch.arange(self.n_items, device=self.item_id_embedding.weight.device)
             chunks = items.split(self.item_tower.encode_batch_size)
+            desc = "Item table" if group is None else f"Item table, group {group}"
             with torch.no_grad():
-                rows = [
-                    self.item_vectors(chunk)
-                    for chunk in tqdm(chunks, desc="Item table", disable=not self.show_progress, leave=False)
-                ]
-            self._item_table = torch.cat(rows)
-        return self._item_table
+                rows = [self.item_vectors(c, group) for c in tqdm(chunks, desc=desc, disable=not self.show_progress,
+                                                                   leave=False)]  # fmt: skip
+            self._tables[group] = torch.cat(rows)
+        return self._tables[group]
 
     def train(self, mode: bool = True):
-        self._item_table = None  # parameters are about to change
+        # Tables are built once per evaluation: every train()/eval() call (RecBole's evaluate starts
+        # with eval()) drops them, since parameters may have changed in between.
+        self._tables = {}
         return super().train(mode)
 
-    # --- sequence model --------------------------------------------------------------------------------
-
-    def encode_sequences(self, item_emb: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
-        return self.sequence_encoder(item_emb, self.get_attention_mask(item_seq))
-
-    def forward(self, item_seq, item_seq_len, table=None):
-        """User vector: the sequence encoder's output at each user's last position."""
-        table = self.item_table() if table is None else table
-        output = self.encode_sequences(table[item_seq], item_seq)
-        return self.gather_indexes(output, item_seq_len - 1)
+    # --- training ------------------------------------------------------------------------------------
 
     def calculate_loss(self, interaction):
-        seq, pos, neg = interaction[self.ITEM_SEQ], interaction[TARGET_LIST], interaction[NEG_LIST]
         # Each distinct item of the batch goes through the foundation model once.
-        items, inverse = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
+        items, inverse = torch.unique(self.backbone.batch_items(interaction), return_inverse=True)
         vectors, alignment = self.item_vectors_and_alignment(items)
-        emb = vectors[inverse]  # [3, B, L, H]
-        output = self.encode_sequences(emb[0], seq)
-        return self.recommendation_loss(output, emb[1], emb[2], pos, items, vectors) + self.cmsa_weight * alignment
+        triples = self.backbone.triples(interaction, items, vectors, inverse)
+        loss = self.recommendation_loss(triples, items, vectors) + triples.extra_loss
+        return loss + self.cmsa_weight * alignment
 
-    def recommendation_loss(self, output, pos_emb, neg_emb, pos, items, vectors) -> torch.Tensor:
-        """``loss_type`` at every position with a target (``pos`` > 0): ``output`` the encoder's states,
-        ``pos_emb``/``neg_emb`` the target's and the sampled negative's vectors, ``items``/``vectors``
-        the batch's distinct items (the in-batch candidates)."""
-        mask = pos > 0
+    def recommendation_loss(self, triples, items, vectors) -> torch.Tensor:
+        """``loss_type`` over the backbone's (user, positive, negative) triples; ``items``/``vectors``
+        are the batch's distinct items (the in-batch candidates)."""
         if self.loss_type == "INBATCH":
+            if triples.candidate_items is not None:
+                items, vectors = triples.candidate_items, triples.candidate_vectors
             real = items > 0  # padding (id 0) is no candidate
-            return inbatch_popularity_ce(output[mask], pos[mask], vectors[real], items[real], self.log_popularity)
-        pos_logits = (output * pos_emb).sum(-1)
-        neg_logits = (output * neg_emb).sum(-1)
-        # Eq. 1: -log σ(pos) - log(1 - σ(neg)) at every real position.
-        return (F.softplus(-pos_logits) + F.softplus(neg_logits))[mask].mean()
+            return inbatch_popularity_ce(triples.user, triples.pos_items, vectors[real], items[real],
+                                         self.log_popularity)  # fmt: skip
+        pos_logits = (triples.user * triples.pos).sum(-1)
+        neg_logits = (triples.user * triples.neg).sum(-1)
+        if self.loss_type == "BPR":
+            return F.softplus(neg_logits - pos_logits).mean()
+        # Eq. 1: -log σ(pos) - log(1 - σ(neg)) at every training position.
+        return (F.softplus(-pos_logits) + F.softplus(neg_logits)).mean()
 
-    def predict(self, interaction):
-        user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return (user * self.item_table()[interaction[self.ITEM_ID]]).sum(-1)
+    # --- evaluation ----------------------------------------------------------------------------------
+
+    def user_vectors(self, interaction, group: int | None = None) -> torch.Tensor:
+        return self.backbone_for(group).user_vectors(interaction, self.item_table(group))
+
+    def scores(self, interaction, group: int | None = None) -> torch.Tensor:
+        """[B, n_items] scores of an evaluation batch's users, all under one group's model."""
+        table = self.backbone_for(group).scoring_table(self.item_table(group))
+        return self.user_vectors(interaction, group) @ table.T
 
     def full_sort_predict(self, interaction):
-        table = self.item_table()
-        user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], table)
-        return user @ table.T
+        return self.scores(interaction)
+
+    def predict(self, interaction):
+        table = self.backbone.scoring_table(self.item_table())
+        return (self.user_vectors(interaction) * table[interaction[self.ITEM_ID]]).sum(-1)
 
     # --- accounting and checkpoints --------------------------------------------------------------------
 
@@ -159,7 +170,7 @@ class GlobalPEFT(SequentialRecommender):
             "projector": tower.projector,
             "missing_modality_placeholders": tower.placeholders,
             "item_id_embedding": self.item_id_embedding,
-            "sequence_encoder": self.sequence_encoder,
+            "backbone": self.backbone,
             "cmsa_heads": self.alignment or 0,
         }
 
@@ -181,6 +192,20 @@ class GlobalPEFT(SequentialRecommender):
             del state[key]
         return state
 
+    # Hooks of the two-stage models (``TwoStageGrouped.load_global``), here so that a mechanism's
+    # override is found before the mixin along the MRO.
+    def is_fresh_key(self, key: str) -> bool:
+        """Whether a state key is one a GlobalPEFT state lacks (derived by :meth:`after_global_loaded`
+        or left at its fresh initialisation)."""
+        return False
+
+    def adapt_global_state(self, state: dict) -> dict:
+        """A GlobalPEFT state made to fit this model."""
+        return state
+
+    def after_global_loaded(self) -> None:
+        """Derive what a GlobalPEFT state does not hold (e.g. PerPEFT's per-group copies)."""
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -190,5 +215,5 @@ class GlobalPEFT(SequentialRecommender):
                 f"Checkpoint does not match {type(self).__name__}: missing {missing}, "
                 f"unexpected {result.unexpected_keys}. Was it written with other peft/encoder settings?"
             )
-        self._item_table = None
+        self._tables = {}
         return result

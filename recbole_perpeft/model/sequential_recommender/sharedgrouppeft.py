@@ -14,7 +14,5 @@ from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
 
 
 class SharedGroupPEFT(TwoStageGrouped, GlobalPEFT):
-    def load_global(self, global_state: dict, groups) -> None:
-        """Continue the trained GlobalPEFT as it is; the groups only shape the batches and negatives."""
-        self.load_state_dict(global_state)
-        self.user_groups = groups
+    """Continues the trained GlobalPEFT as it is (every key from its state); the groups only shape
+    the batches and negatives."""

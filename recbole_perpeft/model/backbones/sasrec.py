@@ -1,0 +1,118 @@
+"""SASRec as a backbone: a causal Transformer over each user's item sequence (paper §3.1).
+
+Exactly what GlobalPEFT inlined before backbones existed: trained on one sequence per user with the
+next item as target at every position (Eq. 1), the user vector is the encoder's output at the user's
+last position. The encoder (``backbone.encoder``, a :class:`SASRecEncoder`) reads its sizes from the
+model's keys (hidden_size, n_layers, n_heads, ... in properties/model/GlobalPEFT.yaml)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+
+from recbole_perpeft.data.dataloader import (
+    NEG_LIST,
+    TARGET_LIST,
+    GroupedUserSequenceDataLoader,
+    UserSequenceDataLoader,
+    user_sequences,
+)
+from recbole_perpeft.model.backbones import register_backbone
+from recbole_perpeft.model.backbones.base import Backbone, Triples
+from recbole_perpeft.model.sequence_encoder import SASRecEncoder, init_weights
+
+
+def causal_attention_mask(item_seq: torch.Tensor) -> torch.Tensor:
+    """RecBole's left-to-right mask over non-padding positions ([B, 1, L, L], 0 or -10000). The method
+    uses nothing of its instance, so RecBole's own code is called rather than re-derived."""
+    return SequentialRecommender.get_attention_mask(None, item_seq)
+
+
+def gather_indexes(output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``output[b, index[b]]`` for each row b: RecBole's SequentialRecommender.gather_indexes."""
+    return SequentialRecommender.gather_indexes(None, output, index)
+
+
+def training_histories(train_dataset, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(user ids, [n, max_len] items, lengths): each user's last ``max_len`` training items, oldest first
+    and left-aligned as RecBole's item lists are (moved here from two_stage.py)."""
+    users = user_sequences(train_dataset)
+    seq = users[train_dataset.item_id_list_field]
+    lengths = users[train_dataset.item_list_length_field]
+    full = torch.cat([seq[:, :1], users[TARGET_LIST]], dim=1)  # first item + the next items
+    n_full = lengths + 1
+    start = (n_full - max_len).clamp(min=0)
+    index = start.unsqueeze(1) + torch.arange(max_len)
+    valid = index < n_full.unsqueeze(1)
+    histories = full.gather(1, index.clamp(max=full.shape[1] - 1)) * valid
+    return users[train_dataset.uid_field], histories, n_full.clamp(max=max_len)
+
+
+@register_backbone("SASRec")
+class SASRecBackbone(Backbone):
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.ITEM_SEQ = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
+        self.ITEM_SEQ_LEN = config["ITEM_LIST_LENGTH_FIELD"]
+        self.max_seq_length = config["MAX_ITEM_LIST_LENGTH"]
+        self.initializer_range = config["initializer_range"]
+        self.encoder = SASRecEncoder(config, self.max_seq_length)
+        self.encoder.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        init_weights(module, self.initializer_range)
+
+    # --- training ------------------------------------------------------------------------------------
+
+    @classmethod
+    def training_loader(cls, config, dataset, sampler, group_of_user=None, shuffle=True):
+        """One sequence per user per epoch, a negative at every position (dataloader.py)."""
+        if group_of_user is None:
+            return UserSequenceDataLoader(config, dataset, sampler, shuffle=shuffle)
+        return GroupedUserSequenceDataLoader(config, dataset, sampler, group_of_user, shuffle=shuffle)
+
+    def batch_items(self, interaction) -> torch.Tensor:
+        """[3, B, L]: the input sequence, the next item and the sampled negative at every position."""
+        return torch.stack([interaction[self.ITEM_SEQ], interaction[TARGET_LIST], interaction[NEG_LIST]])
+
+    def triples(self, interaction, items, vectors, inverse) -> Triples:
+        seq, pos = interaction[self.ITEM_SEQ], interaction[TARGET_LIST]
+        emb = vectors[inverse]  # [3, B, L, H]
+        output = self.encode(emb[0], seq)
+        target = pos > 0  # positions with a next item (the rest is padding)
+        return Triples(user=output[target], pos=emb[1][target], neg=emb[2][target], pos_items=pos[target])
+
+    # --- the encoder -----------------------------------------------------------------------------------
+
+    def encode(self, item_emb: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] states at every position of the ``item_seq`` [B, L] sequences, given their item
+        vectors ``item_emb`` [B, L, H] (the personalisation baselines call it directly)."""
+        return self.encoder(item_emb, causal_attention_mask(item_seq))
+
+    def last_states(self, table: torch.Tensor, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """[B, H] the state at each sequence's last item (position item_seq_len - 1)."""
+        return gather_indexes(self.encode(table[item_seq], item_seq), item_seq_len - 1)
+
+    # --- evaluation and grouping -----------------------------------------------------------------------
+
+    def user_vectors(self, interaction, table: torch.Tensor) -> torch.Tensor:
+        return self.last_states(table, interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+
+    def interest_vectors(self, dataset, table: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The state after each user's last ``max_seq_length`` training items (no valid/test item), in
+        eval mode (no dropout; the mode is restored after), ``batch_size`` users at a time."""
+        user_ids, histories, lengths = training_histories(dataset, self.max_seq_length)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                rows = [
+                    self.last_states(table, seq.to(table.device), n.to(table.device)).cpu()
+                    for seq, n in zip(histories.split(batch_size), lengths.split(batch_size), strict=True)
+                ]
+        finally:
+            self.train(was_training)
+        width = table.shape[1]
+        vectors = torch.cat(rows) if rows else torch.zeros(0, width)
+        return user_ids.numpy(), vectors.numpy()
