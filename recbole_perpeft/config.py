@@ -19,6 +19,7 @@ import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_perpeft.compat import check_environment
+from recbole_perpeft.model.precision import PRECISIONS
 from recbole_perpeft.property_files import PROPERTIES_DIR
 from recbole_perpeft.utils import get_model
 
@@ -164,6 +165,9 @@ class Config(RecBoleConfig):
         ratio = cfg.get("user_sample_ratio")
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
             raise ValueError(f"user_sample_ratio must be a number in (0, 1], got {ratio!r}.")
+        precision = cfg.get("precision")  # the device-dependent part (fp16 on a CPU) is the item tower's
+        if precision is not None and str(precision).lower() not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
         modalities = cfg.get("modalities")
         if modalities is not None:
             if isinstance(modalities, str):

@@ -15,6 +15,14 @@ class PEFTTrainer(ResumableTrainerMixin, SafeCheckpointMixin, Trainer):
     """Optimises only trainable parameters (the foundation's frozen ones would only cost AdamW
     memory); resumable (recbole_perpeft/resume.py), with seconds per training epoch."""
 
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        # fp16 autocast on the adapted encoders (precision: fp16, CUDA only) needs loss scaling, or small
+        # adapter gradients underflow; RecBole's own GradScaler does it when enable_scaler is on.
+        precision = getattr(getattr(model, "item_tower", None), "precision", None)
+        if precision is not None and precision.name == "fp16" and self.device.type == "cuda":
+            self.enable_scaler = True
+
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
         return super()._build_optimizer(**kwargs)

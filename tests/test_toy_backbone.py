@@ -106,7 +106,7 @@ def test_toy_backbone_runs_perpeft_stage2(keys):
     global_model.eval()
     user_ids, vectors = global_model.backbone.interest_vectors(dataset, global_model.item_table(), 8)
     groups = fit_user_groups(vectors, user_ids, dataset.user_num, 2, "kmeans", 2024)
-    staged = stage_config(config, "PerPEFT", 1, n_groups=2)
+    staged = stage_config(config, "PerPEFT", 1, n_groups=2, grouping_method="kmeans")
     model = PerPEFT(staged, dataset)
     model.load_global(global_model.state_dict(), groups)
     assert isinstance(model.global_backbone, MeanPoolBackbone)

@@ -5,7 +5,8 @@ inputs (tokens, pixels, which items have which modality), the missing-modality p
 projector(s); a family owns the adapter: how items become the named vectors the projector concatenates,
 and PerPEFT's per-group copies of the adapter. What a family may read from the tower (its ``tower``):
 ``foundation``, ``modalities``, ``item_inputs(modality, items)``, ``has(modality)`` (bool per item),
-``encode_batch_size``, ``show_progress`` and ``active_placeholders()``.
+``encode_batch_size``, ``show_progress``, ``active_placeholders()``, ``precision`` (autocast for the
+per-batch forward of adapted encoders) and ``text_buckets(items)`` (sub-batches by title length).
 
 A family's state lives either inside the foundation (peft layers: their keys are foundation keys, found
 with :meth:`AdapterFamily.is_adapter_key`) or in the modules it hands the tower (:meth:`modules`),

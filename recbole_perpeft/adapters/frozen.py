@@ -71,6 +71,17 @@ class FrozenFamily(AdapterFamily):
         """The foundation's vectors of ``items`` (all having ``modality``), adapter included if any."""
         return self.foundation.encode(modality, self.tower.item_inputs(modality, items))
 
+    def adapted_vectors(self, modality: str, items: torch.Tensor) -> torch.Tensor:
+        """The per-batch encode of an adapted modality (the trainable path, and the only one under the
+        run's ``precision``: the frozen caches above are fp32): titles in length buckets, each trimmed to
+        its longest title, the vectors put back in the order of ``items``; float32 out."""
+        buckets = self.tower.text_buckets(items) if modality == "text" else []
+        with self.tower.precision.autocast(items.device.type):
+            if len(buckets) <= 1:
+                return self.foundation_vectors(modality, items).float()
+            parts = [self.foundation_vectors(modality, items[bucket]) for bucket in buckets]
+        return torch.cat(parts).float()[torch.argsort(torch.cat(buckets))]  # back to the order of items
+
     def modality_vector(self, modality: str, items: torch.Tensor) -> torch.Tensor:
         """[U, width]: the cached or freshly encoded vector of each item, its placeholder if it lacks the
         modality."""
@@ -81,9 +92,7 @@ class FrozenFamily(AdapterFamily):
         vectors = placeholder.clone()
         present = items[has]
         if len(present):
-            vectors = vectors.index_put(
-                (torch.nonzero(has).flatten(),), self.foundation_vectors(modality, present).float()
-            )
+            vectors = vectors.index_put((torch.nonzero(has).flatten(),), self.adapted_vectors(modality, present))
         return vectors
 
     def encode(self, items: torch.Tensor) -> tuple[dict, dict]:

@@ -18,6 +18,8 @@ from recbole_perpeft.adapters.base import GLOBAL_ADAPTER, group_adapter_name
 from recbole_perpeft.adapters.registry import FROZEN, get_adapter_family, option, positive_int
 from recbole_perpeft.data.modality_store import ItemModalityStore, gather_rows
 from recbole_perpeft.encoders import build_foundation
+from recbole_perpeft.model.length_buckets import MAX_PADDING_RATIO, MIN_BUCKET, length_buckets
+from recbole_perpeft.model.precision import Precision
 
 
 class ItemTower(nn.Module):
@@ -26,6 +28,10 @@ class ItemTower(nn.Module):
         self.logger = getLogger()
         self.show_progress = bool(config["show_progress"])
         self.encode_batch_size = positive_int(option(config, "encode_batch_size", 256), "encode_batch_size")
+        # Validated before anything heavy is built or cached; the adapter families apply it.
+        self.precision = Precision.from_config(config, option(config, "device", None))
+        # None: one forward per batch trimmed to its longest title (the bench compares both).
+        self.max_padding_ratio: float | None = MAX_PADDING_RATIO
         store = ItemModalityStore(config, dataset)
         self.foundation = build_foundation(config)
         self.modalities = self._available_modalities(config, store)
@@ -37,6 +43,9 @@ class ItemTower(nn.Module):
         dims = self.family.placeholder_dims
         self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m, d in dims.items()})
         self.projector = self._projector(config, self.family.out_dims)
+        where = f"the per-batch forward of {self.adapted}" if self.adapted else "nothing (no modality is adapted)"
+        self.logger.info(f"precision: {self.precision.requested} -> {self.precision.name}, autocast over {where}; "
+                         "weights, optimizer, projector and loss in fp32")  # fmt: skip
 
     def _available_modalities(self, config, store) -> list[str]:
         wanted = list(config["modalities"] or self.foundation.modalities)
@@ -97,6 +106,13 @@ class ItemTower(nn.Module):
             length = max(int(mask.sum(1).max()), 1)  # trim the padding this batch does not need
             return {"input_ids": self.input_ids[items, :length], "attention_mask": mask[:, :length]}
         return {"pixels": gather_rows(self._pixels, items).to(self.has_image.device)}
+
+    def text_buckets(self, items: torch.Tensor) -> list[torch.Tensor]:
+        """Index tensors into ``items`` (which have titles): sub-batches of similar token length whose
+        padded tokens stay within ``max_padding_ratio`` of the real ones (``length_buckets``)."""
+        if self.max_padding_ratio is None:
+            return [torch.arange(len(items), device=items.device)]
+        return length_buckets(self.attention_mask[items].sum(1), self.max_padding_ratio, MIN_BUCKET)
 
     def has(self, modality: str) -> torch.Tensor:
         """[n_items] bool: which items have ``modality``."""

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from logging import getLogger
 
+import numpy as np
 import torch
 from torch import nn
 
 from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
+from recbole_perpeft.grouping import check_grouping
 from recbole_perpeft.model.backbones.base import Triples
 from recbole_perpeft.model.sequence_encoder import SASRecEncoder
 from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
@@ -41,6 +43,13 @@ class TwoStageGrouped:
 
     trainer_class = TwoStageTrainer
     user_groups = None  # recbole_perpeft.grouping.UserGroups, once set_groups ran
+
+    def __init__(self, config, dataset):
+        # Before anything is built: n_groups copies of an adapter are built with the model, and a bad
+        # n_groups would otherwise cost that (or stage 1) before it is refused.
+        n_users = len(np.unique(dataset.inter_feat[dataset.uid_field].numpy()))
+        check_grouping(config["n_groups"], config["grouping_method"], n_users)
+        super().__init__(config, dataset)
 
     def load_global(self, global_state: dict, groups) -> None:
         """Start stage 2 from a trained GlobalPEFT: every key of this model not ``is_fresh_key`` must
