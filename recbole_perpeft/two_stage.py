@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from recbole_perpeft.data.sampler import GroupNegativeSampler, SequenceNegativeSampler
-from recbole_perpeft.grouping import UserGroups, check_grouping, fit_user_groups, training_item_pools
+from recbole_perpeft.grouping import UserGroups, fit_user_groups, training_item_pools
 from recbole_perpeft.resume import TrainingInterrupted, best_checkpoint_path, load_checkpoint
 from recbole_perpeft.trainer import PEFTTrainer, checkpoint_path
 from recbole_perpeft.utils import trainable_parameters_by_component
@@ -179,9 +179,7 @@ class TwoStageTrainer(PEFTTrainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         dataset = train_data._dataset
         if not self._stage2_resume and self._global_state is None:
-            # Settings that would only fail after stage 1 has trained are checked first.
-            n_users = len(np.unique(dataset.inter_feat[dataset.uid_field].numpy()))
-            check_grouping(self.config["n_groups"], self.config["grouping_method"], n_users)
+            # (n_groups and grouping_method were checked when the model was built: TwoStageGrouped.)
             global_model = self.stage1(train_data, valid_data, show_progress)
             groups = group_users(global_model, dataset, self.config)
             global_state = global_model.state_dict()

@@ -30,6 +30,7 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
         # training: their interest vector is computed the way the groups were fitted.
         self.global_item_id_embedding = copy.deepcopy(self.item_id_embedding).requires_grad_(False)
         self.global_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self._group_names = self._group_parameter_names()  # fixed from here on; read per key by load_global
 
     # --- initialisation from GlobalPEFT --------------------------------------------------------------
 
@@ -37,7 +38,7 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
         """Group copies and the frozen global path: filled from the GlobalPEFT state, not in it."""
         if key.startswith(("global_", "group_of_user", "item_tower.global_")):
             return True
-        return key in self._group_parameter_names()
+        return key in self._group_names
 
     def _group_parameter_names(self) -> set[str]:
         tower = self.item_tower
