@@ -1,12 +1,19 @@
-"""Training batches of one sequence per user.
+"""Training batches of user sequence windows.
 
 RecBole's sequential pipeline trains on every prefix of every sequence, which multiplies the
-foundation-model work by the sequence length. Our models instead see each user once per epoch:
-the last MAX_ITEM_LIST_LENGTH training items as input and the next item at every position as the
-target (Eq. 1), with one sampled negative per position.
+foundation-model work by the sequence length. Our models instead train on windows: a window is
+MAX_ITEM_LIST_LENGTH consecutive training items as input and the next item at every position as the
+target (Eq. 1). ``train_windows: last`` (default) gives each user one window per epoch, its last
+training items; ``all`` every window of the history, from the last one back by ``train_window_stride``
+(default MAX_ITEM_LIST_LENGTH: the windows' targets do not overlap), the earliest ones shorter.
 
-:class:`GroupedUserSequenceDataLoader` (PerPEFT §3.3.2) makes every batch hold users of one group,
-so a batch trains one group's PEFT modules, and tags it with ``GROUP_ID``."""
+The loss decides the negatives: one sampled negative per position (``NEG_LIST``, Eq. 1 / BPR), or,
+under ``loss_type: SAMPLED_SOFTMAX``, ``sampled_softmax_negatives`` items shared by the whole batch
+(``SHARED_NEGATIVES`` [1, K] and their log-probabilities ``SHARED_NEG_LOG_Q`` [1, K]: one row, so that
+``len(batch)`` stays the number of windows). Both come from the sampler's seeded generator (resume).
+
+:class:`GroupedUserSequenceDataLoader` (PerPEFT §3.3.2) makes every batch hold windows of users of one
+group, so a batch trains one group's PEFT modules, and tags it with ``GROUP_ID``."""
 
 from __future__ import annotations
 
@@ -20,6 +27,10 @@ from recbole.utils import ModelType
 TARGET_LIST = "target_item_list"
 NEG_LIST = "neg_item_list"
 GROUP_ID = "group_id"
+SHARED_NEGATIVES = "shared_neg_items"
+SHARED_NEG_LOG_Q = "shared_neg_log_q"
+SAMPLED_SOFTMAX = "SAMPLED_SOFTMAX"  # the loss_type whose batches carry shared negatives
+TRAIN_WINDOWS = ("last", "all")
 
 
 def last_row_per_user(dataset) -> np.ndarray:
@@ -31,9 +42,40 @@ def last_row_per_user(dataset) -> np.ndarray:
     return order[is_last]
 
 
-def user_sequences(dataset) -> Interaction:
-    """Per user: ``item_id_list`` (input), ``item_length`` and ``target_item_list`` (next items)."""
-    feat = dataset.inter_feat[torch.from_numpy(last_row_per_user(dataset))]
+def prefix_ends(dataset) -> np.ndarray:
+    """[rows] for each row of RecBole's augmented train split, how many of its user's training items
+    precede its target (1 for the user's first row). RecBole writes a user's rows in time order, one per
+    target (``SequentialDataset.data_augmentation``), and the leave-one-out split keeps that order; the
+    item list lengths (the prefix, cut at MAX_ITEM_LIST_LENGTH) are checked against it."""
+    users = dataset.inter_feat[dataset.uid_field].numpy()
+    lengths = dataset.inter_feat[dataset.item_list_length_field].numpy()
+    order = np.argsort(users, kind="stable")  # by user, each user's rows in their (time) order
+    first = np.r_[True, users[order][1:] != users[order][:-1]]
+    starts = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    ends = np.empty(len(order), dtype=np.int64)
+    ends[order] = np.arange(len(order)) - starts + 1
+    max_len = dataset.field2seqlen[dataset.item_id_list_field]
+    if not np.array_equal(np.minimum(ends, max_len), lengths):
+        raise RuntimeError("The train split's rows are not every prefix of each user in time order, as RecBole's "
+                           "sequential data augmentation writes them: training windows cannot be read from it.")
+    return ends
+
+
+def window_rows(dataset, stride: int) -> np.ndarray:
+    """Rows of the augmented train split that are training windows under ``train_windows: all``: per user
+    the row of its last training item and every ``stride``-th row before it, by user then time."""
+    users = dataset.inter_feat[dataset.uid_field].numpy()
+    ends = prefix_ends(dataset)
+    last = np.zeros(int(users.max(initial=0)) + 1, dtype=np.int64)
+    np.maximum.at(last, users, ends)
+    chosen = np.flatnonzero((last[users] - ends) % stride == 0)
+    return chosen[np.lexsort((ends[chosen], users[chosen]))]
+
+
+def sequences_of_rows(dataset, rows: np.ndarray) -> Interaction:
+    """Per row of the augmented train split: ``item_id_list`` (input), ``item_length`` and
+    ``target_item_list`` (the next item at every position)."""
+    feat = dataset.inter_feat[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
     seq_field = dataset.item_id_list_field
     seq, lengths, last = feat[seq_field], feat[dataset.item_list_length_field], feat[dataset.iid_field]
     targets = torch.zeros_like(seq)
@@ -49,12 +91,60 @@ def user_sequences(dataset) -> Interaction:
     )
 
 
+def user_sequences(dataset) -> Interaction:
+    """Per user its last window: ``item_id_list`` (input), ``item_length`` and ``target_item_list`` (next items)."""
+    return sequences_of_rows(dataset, last_row_per_user(dataset))
+
+
+def training_windows(config, dataset) -> Interaction:
+    """The windows an epoch trains on (``train_windows``, ``train_window_stride``), as :func:`sequences_of_rows`."""
+    mode = str(config["train_windows"] or "last").lower()
+    if mode not in TRAIN_WINDOWS:
+        raise ValueError(f"train_windows must be one of {', '.join(TRAIN_WINDOWS)}, got {config['train_windows']!r} "
+                         "(last: each user's last MAX_ITEM_LIST_LENGTH training items; all: every window).")
+    if mode == "last":
+        return user_sequences(dataset)
+    stride = config["train_window_stride"]
+    if stride is None:
+        stride = config["MAX_ITEM_LIST_LENGTH"]
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"train_window_stride must be a positive integer (items between window ends) or ~ "
+                         f"(= MAX_ITEM_LIST_LENGTH), got {stride!r}.")
+    return sequences_of_rows(dataset, window_rows(dataset, stride))
+
+
+def shared_negative_count(config) -> int:
+    """K, the negatives a batch shares under ``loss_type: SAMPLED_SOFTMAX``; 0 under any other loss."""
+    if str(config["loss_type"]).upper() != SAMPLED_SOFTMAX:
+        return 0
+    count = config["sampled_softmax_negatives"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"sampled_softmax_negatives must be a positive integer (negatives shared by a batch), "
+                         f"got {count!r}.")
+    return count
+
+
+def negatives(sampler, shared: int, history: torch.Tensor, num: int, group: int | None = None) -> dict:
+    """A batch's negatives: ``shared`` > 0 draws that many shared by the batch (SHARED_NEGATIVES,
+    SHARED_NEG_LOG_Q), else ``num`` per row avoiding the row's ``history`` (NEG_LIST [B, num])."""
+    if shared:
+        items, log_q = sampler.sample_shared(shared, group=group)
+        return {SHARED_NEGATIVES: items.unsqueeze(0), SHARED_NEG_LOG_Q: log_q.unsqueeze(0)}
+    return {NEG_LIST: sampler.sample(history, num, group=group)}
+
+
 class UserSequenceDataLoader(AbstractDataLoader):
+    """One row per training window (:func:`training_windows`); ``user_data`` holds them all."""
+
     def __init__(self, config, dataset, sampler, shuffle=True):
-        self.user_data = user_sequences(dataset)
+        self._setup_windows(config, dataset)
+        super().__init__(config, dataset, sampler, shuffle=shuffle)
+
+    def _setup_windows(self, config, dataset) -> None:
+        self.user_data = training_windows(config, dataset)
         self.sample_size = len(self.user_data)
         self.seq_field = dataset.item_id_list_field
-        super().__init__(config, dataset, sampler, shuffle=shuffle)
+        self.shared_negatives = shared_negative_count(config)
 
     def _init_batch_size_and_step(self):
         batch_size = self.config["train_batch_size"]
@@ -69,7 +159,8 @@ class UserSequenceDataLoader(AbstractDataLoader):
 
     def collate_fn(self, index):
         batch, history = self._rows(index)
-        batch.update(Interaction({NEG_LIST: self._sampler.sample(history, batch[self.seq_field].shape[1])}))
+        drawn = negatives(self._sampler, self.shared_negatives, history, batch[self.seq_field].shape[1])
+        batch.update(Interaction(drawn))
         return batch
 
     def state_dict(self) -> dict:
@@ -161,11 +252,12 @@ class GroupBatchesMixin:
 
 
 class GroupedUserSequenceDataLoader(GroupBatchesMixin, UserSequenceDataLoader):
-    """:class:`UserSequenceDataLoader` whose batches each hold users of one group (PerPEFT §3.3.2).
+    """:class:`UserSequenceDataLoader` whose batches each hold windows of users of one group (PerPEFT §3.3.2).
 
     ``group_of_user[u]`` is the group of internal user id ``u`` (-1: none); every user of the
-    training data needs a group. Batches carry ``GROUP_ID`` [B] (one value) and draw their
-    negatives with ``sampler.sample(history, L, group=g)`` (group pools with a
+    training data needs a group (a window has its user's). Batches carry ``GROUP_ID`` [B] (one value) and
+    draw their negatives with ``sampler.sample(history, L, group=g)`` or ``sample_shared(K, group=g)``
+    (group pools with a
     :class:`~recbole_perpeft.data.sampler.GroupNegativeSampler`, all items with a
     :class:`~recbole_perpeft.data.sampler.SequenceNegativeSampler`). Batch order: see
     :class:`GroupBatchSampler`; it is seeded from ``config["seed"]`` and the epoch."""
@@ -173,9 +265,7 @@ class GroupedUserSequenceDataLoader(GroupBatchesMixin, UserSequenceDataLoader):
     def __init__(self, config, dataset, sampler, group_of_user: np.ndarray, shuffle=True):
         if not config["single_spec"]:
             raise ValueError("GroupedUserSequenceDataLoader does not support distributed training.")
-        self.user_data = user_sequences(dataset)
-        self.sample_size = len(self.user_data)
-        self.seq_field = dataset.item_id_list_field
+        self._setup_windows(config, dataset)
         group_of_user = np.asarray(group_of_user)
         users = self.user_data[dataset.uid_field].numpy()
         if len(users) and users.max() >= len(group_of_user):
@@ -193,6 +283,6 @@ class GroupedUserSequenceDataLoader(GroupBatchesMixin, UserSequenceDataLoader):
             raise ValueError(f"A batch holds users of groups {groups.tolist()}; expected one group.")
         group = int(groups[0])
         batch, history = self._rows(index)
-        negatives = self._sampler.sample(history, batch[self.seq_field].shape[1], group=group)
-        batch.update(Interaction({NEG_LIST: negatives, GROUP_ID: torch.full((len(index),), group, dtype=torch.long)}))
+        drawn = negatives(self._sampler, self.shared_negatives, history, batch[self.seq_field].shape[1], group)
+        batch.update(Interaction({**drawn, GROUP_ID: torch.full((len(index),), group, dtype=torch.long)}))
         return batch

@@ -5,7 +5,9 @@ that is none of the user's training items. :class:`GroupedUserItemPairDataLoader
 makes every batch hold pairs of users of one group and tags it with ``GROUP_ID``.
 
 Batches carry the dataset's user id field [B], its item id field (the positive) [B] and ``NEG_LIST``
-[B] (one negative per row, not [B, 1]: what a pairwise loss indexes directly)."""
+[B] (one negative per row, not [B, 1]: what a pairwise loss indexes directly); under ``loss_type:
+SAMPLED_SOFTMAX`` instead the negatives shared by the batch (``SHARED_NEGATIVES``, ``SHARED_NEG_LOG_Q``,
+see data/dataloader.py). ``train_windows`` does not apply: every training pair is a row already."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
 
-from recbole_perpeft.data.dataloader import GROUP_ID, NEG_LIST, GroupBatchesMixin
+from recbole_perpeft.data.dataloader import GROUP_ID, NEG_LIST, GroupBatchesMixin, negatives, shared_negative_count
 
 
 def training_pairs(dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +47,7 @@ class UserItemPairDataLoader(AbstractDataLoader):
 
     def __init__(self, config, dataset, sampler, shuffle=True, batch_size: int | None = None):
         self._setup_pairs(dataset, batch_size)
+        self.shared_negatives = shared_negative_count(config)
         super().__init__(config, dataset, sampler, shuffle=shuffle)
 
     def _setup_pairs(self, dataset, batch_size: int | None) -> None:
@@ -76,13 +79,12 @@ class UserItemPairDataLoader(AbstractDataLoader):
     def _batch(self, index, group: int | None = None) -> Interaction:
         rows = np.asarray(index, dtype=np.int64)
         users = self.pair_users[rows]
-        negatives = self._sampler.sample(self.histories(users), 1, group=group)[:, 0]
+        history = None if self.shared_negatives else self.histories(users)
+        drawn = negatives(self._sampler, self.shared_negatives, history, 1, group)
+        if NEG_LIST in drawn:
+            drawn[NEG_LIST] = drawn[NEG_LIST][:, 0]
         return Interaction(
-            {
-                self.uid_field: torch.from_numpy(users),
-                self.iid_field: torch.from_numpy(self.pair_items[rows]),
-                NEG_LIST: negatives,
-            }
+            {self.uid_field: torch.from_numpy(users), self.iid_field: torch.from_numpy(self.pair_items[rows]), **drawn}
         )
 
     def collate_fn(self, index):
@@ -110,6 +112,7 @@ class GroupedUserItemPairDataLoader(GroupBatchesMixin, UserItemPairDataLoader):
         if not config["single_spec"]:
             raise ValueError("GroupedUserItemPairDataLoader does not support distributed training.")
         self._setup_pairs(dataset, batch_size)
+        self.shared_negatives = shared_negative_count(config)
         group_of_user = np.asarray(group_of_user)
         if len(self.pair_users) and self.pair_users.max() >= len(group_of_user):
             raise ValueError(

@@ -1,7 +1,9 @@
-"""Negative sampling for the one-sequence-per-user loss (Eq. 1), over all items or a group's pool (§3.3.4)."""
+"""Negative sampling over all items or a group's pool (§3.3.4): one negative per (user, position) for
+Eq. 1, or one set of negatives shared by a whole batch for the sampled softmax (``sample_shared``)."""
 
 from __future__ import annotations
 
+import math
 from logging import getLogger
 
 import numpy as np
@@ -25,6 +27,27 @@ class SequenceNegativeSampler:
 
         ``group`` is accepted and ignored, so a loader can call every sampler the same way."""
         return torch.from_numpy(self._draw(self._excluded(history), self.candidates, num)).long()
+
+    def sample_shared(self, num: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` distinct negatives shared by a whole batch, uniform over ``candidates`` (``group`` is
+        ignored, as in :meth:`sample`): ([K] item ids, [K] log-probabilities that each is in the draw)."""
+        return self._draw_shared(self.candidates, num)
+
+    def _draw_shared(self, pool: np.ndarray, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K = min(num, |pool|) distinct items of ``pool``, drawn uniformly without replacement from the
+        seeded generator, and log Q for each: every item of the pool is in the draw with probability
+        Q = K / |pool| (1 when the whole pool is taken, which then needs no draw). No user's history is
+        excluded: the draw serves every position of the batch; the loss masks a position's own positive."""
+        if num < 1:
+            raise ValueError(f"sampled_softmax_negatives must be a positive integer, got {num!r}.")
+        if len(pool) == 0:
+            raise ValueError("No candidate item to draw shared negatives from (an empty pool).")
+        if num >= len(pool):
+            items = np.asarray(pool, dtype=np.int64)
+        else:
+            items = self.rng.choice(pool, size=num, replace=False).astype(np.int64)
+        log_q = math.log(len(items) / len(pool))
+        return torch.from_numpy(items), torch.full((len(items),), log_q)
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
@@ -96,3 +119,20 @@ class GroupNegativeSampler(SequenceNegativeSampler):
             negatives[~fallback] = self._draw(excluded[~fallback], pool, num)
         negatives[fallback] = self._draw(excluded[fallback], self.candidates, num)
         return torch.from_numpy(negatives).long()
+
+    def sample_shared(self, num: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared negatives of a group-``c`` batch: uniform over ``pools[c]`` = I^(c) (log Q from that
+        pool's size); an empty pool draws from every item, with the same one-time WARNING as :meth:`sample`.
+        ``group=None``: every item."""
+        if group is None:
+            return super().sample_shared(num)
+        group = int(group)
+        if not 0 <= group < len(self.pools):
+            raise ValueError(f"Group {group} has no item pool (there are {len(self.pools)} groups).")
+        pool = self.pools[group]
+        if len(pool):
+            return self._draw_shared(pool, num)
+        if group not in self._warned:
+            self._warned.add(group)
+            getLogger().warning(f"Group {group} has an empty item pool; its shared negatives are drawn from all items.")
+        return self._draw_shared(self.candidates, num)

@@ -4,6 +4,8 @@
   two modality vectors of an item, with SDA's InfoNCE ablation as a variant.
 * :func:`inbatch_popularity_ce` — the in-batch softmax cross-entropy with popularity (logQ)
   correction used by IISAN / CROSSAN, as an alternative to Eq. 1's one-negative BCE.
+* :func:`sampled_softmax_ce` — softmax cross-entropy over the positive and K sampled negatives shared
+  by the batch, with the logQ correction of the sampling distribution and accidental hits masked.
 """
 
 from __future__ import annotations
@@ -175,3 +177,42 @@ def inbatch_popularity_ce(
     if log_popularity is not None:
         logits = logits - log_popularity[item_ids].to(logits.dtype)
     return F.cross_entropy(logits, columns)
+
+
+def sampled_softmax_ce(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    pos_items: torch.Tensor,
+    neg: torch.Tensor,
+    neg_items: torch.Tensor,
+    neg_log_q: torch.Tensor,
+) -> torch.Tensor:
+    """Sampled softmax cross-entropy (Jean et al. ACL 2015; Bengio & Senécal 2008) with negatives shared by
+    every position of the batch.
+
+    ``user`` [P, H] are the user states at P positions whose next item is ``pos_items`` [P] with vector
+    ``pos`` [P, H]; ``neg`` [K, H] the vectors of the K shared negatives ``neg_items`` [K]; ``neg_log_q``
+    [K] the log-probability that each negative is in the sample (uniform over a pool of N, K drawn without
+    replacement: log(K / N); 0 when the whole pool was taken).
+
+    Logits of a position: [u·p, u·n_1 − log Q_1, ..., u·n_K − log Q_K]. What is subtracted is log Q of
+    each negative only: the positive is in the candidate set with probability 1 (log 1 = 0). Why: the
+    full softmax's denominator over the pool is Σ_i exp(u·v_i); Σ_k exp(u·n_k) / Q_k, the corrected
+    negatives' term, is an unbiased (Horvitz-Thompson) estimate of it, so each sampled negative stands for
+    N / K items of the pool. Without the correction the K negatives would count once each, a softmax over
+    K + 1 items (a loss too easy, whose push on the negatives is N / K times too weak). Accidental hits, a
+    negative equal to the position's positive, get logit −inf: that item is the target there, already
+    counted as the positive. Returns the mean cross-entropy over the P positions."""
+    if user.dim() != 2 or pos.shape != user.shape or neg.dim() != 2 or neg.shape[1] != user.shape[1]:
+        raise ValueError(f"user and pos must be [P, H] and neg [K, H], got {tuple(user.shape)}, {tuple(pos.shape)} "
+                         f"and {tuple(neg.shape)}.")
+    if pos_items.shape != (user.shape[0],) or neg_items.shape != (neg.shape[0],) or neg_log_q.shape != neg_items.shape:
+        raise ValueError(f"pos_items must be [P], neg_items and neg_log_q [K], got {tuple(pos_items.shape)}, "
+                         f"{tuple(neg_items.shape)} and {tuple(neg_log_q.shape)}.")
+    if user.shape[0] == 0:  # no real position: a zero that keeps the graph
+        return 0.0 * (user.sum() + neg.sum())
+    positive = (user * pos).sum(-1, keepdim=True)  # [P, 1]
+    negative = user @ neg.T - neg_log_q.to(user.dtype)  # [P, K]
+    negative = negative.masked_fill(neg_items.unsqueeze(0) == pos_items.unsqueeze(1), float("-inf"))
+    logits = torch.cat([positive, negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))

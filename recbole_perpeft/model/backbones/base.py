@@ -27,13 +27,18 @@ class Triples:
 
     user: torch.Tensor  # [N, H]
     pos: torch.Tensor  # [N, H]
-    neg: torch.Tensor  # [N, H]
+    # [N, H]; None when the batch has no per-position negatives (loss_type SAMPLED_SOFTMAX: its negatives
+    # are shared by the batch, and the model scores them in ``item_space`` or as encoded).
+    neg: torch.Tensor | None
     pos_items: torch.Tensor  # [N] item ids
     extra_loss: torch.Tensor | float = 0.0  # the backbone's own term (e.g. LightGCN's L2 on the batch's embeddings)
     # In-batch candidates in the space users are scored in (None: the batch's distinct items as encoded,
     # which is that space for SASRec; LightGCN gives its propagated positives and negatives).
     candidate_items: torch.Tensor | None = None  # [C] item ids
     candidate_vectors: torch.Tensor | None = None  # [C, H]
+    # Every item's vector in the space users are scored in, where the backbone computed it for this batch
+    # (LightGCN: the propagated table, row i = item i); None: the encoded vectors are that space (SASRec).
+    item_space: torch.Tensor | None = None  # [n_items, H]
 
 
 class Backbone(nn.Module):
@@ -56,7 +61,9 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def batch_items(self, interaction) -> torch.Tensor:
-        """The item ids whose vectors :meth:`triples` needs for this batch (may hold repeats and 0)."""
+        """The item ids whose vectors :meth:`triples` needs for this batch (may hold repeats and 0). Under
+        ``loss_type: SAMPLED_SOFTMAX`` batches carry no ``NEG_LIST`` (the model adds the batch's shared
+        negatives to these items itself, so that each is encoded once)."""
         raise NotImplementedError
 
     def triples(self, interaction, items: torch.Tensor, vectors: torch.Tensor, inverse: torch.Tensor) -> Triples:

@@ -124,18 +124,23 @@ class LightGCNBackbone(Backbone):
 
     def triples(self, interaction, items, vectors, inverse) -> Triples:
         """One triple per row: propagated user, positive and negative; ``extra_loss`` = reg_weight x
-        RecBole's EmbLoss (squared L2 / 2, per row) of their layer-0 vectors."""
+        RecBole's EmbLoss (squared L2 / 2, per row) of their layer-0 vectors. Without per-row negatives
+        (SAMPLED_SOFTMAX) the pair is (user, positive), regularised alike, and the shared negatives are
+        scored in ``item_space``: the propagated table."""
         table = vectors[inverse]  # batch_items is arange(n_items): row i is item i
         users_all, items_all = self.propagate(table)
         user, pos = interaction[self.USER_ID], interaction[self.ITEM_ID]
-        neg = interaction[NEG_LIST].reshape(-1)  # [B] from the pair loader ([B, 1] accepted too)
+        # [B] from the pair loader ([B, 1] accepted too)
+        neg = interaction[NEG_LIST].reshape(-1) if NEG_LIST in interaction else None
         extra = 0.0
         if self.reg_weight:
-            extra = self.reg_weight * self.emb_loss(self.user_embedding(user), table[pos], table[neg],
-                                                    require_pow=True).squeeze()  # fmt: skip
-        candidates = torch.unique(torch.cat([pos, neg]))  # in-batch candidates (loss_type INBATCH), propagated
-        return Triples(user=users_all[user], pos=items_all[pos], neg=items_all[neg], pos_items=pos, extra_loss=extra,
-                       candidate_items=candidates, candidate_vectors=items_all[candidates])  # fmt: skip
+            ego = [self.user_embedding(user), table[pos]] + ([] if neg is None else [table[neg]])
+            extra = self.reg_weight * self.emb_loss(*ego, require_pow=True).squeeze()
+        # In-batch candidates (loss_type INBATCH), propagated.
+        candidates = torch.unique(pos if neg is None else torch.cat([pos, neg]))
+        return Triples(user=users_all[user], pos=items_all[pos], neg=None if neg is None else items_all[neg],
+                       pos_items=pos, extra_loss=extra, candidate_items=candidates,
+                       candidate_vectors=items_all[candidates], item_space=items_all)  # fmt: skip
 
     # --- evaluation and grouping -----------------------------------------------------------------------
 

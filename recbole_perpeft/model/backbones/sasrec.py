@@ -1,9 +1,10 @@
 """SASRec as a backbone: a causal Transformer over each user's item sequence (paper §3.1).
 
-Exactly what GlobalPEFT inlined before backbones existed: trained on one sequence per user with the
-next item as target at every position (Eq. 1), the user vector is the encoder's output at the user's
-last position. The encoder (``backbone.encoder``, a :class:`SASRecEncoder`) reads its sizes from the
-model's keys (hidden_size, n_layers, n_heads, ... in properties/model/GlobalPEFT.yaml)."""
+Exactly what GlobalPEFT inlined before backbones existed: trained on sequence windows (one per user, or
+every window with ``train_windows: all``) with the next item as target at every position (Eq. 1), the
+user vector is the encoder's output at the user's last position. The encoder (``backbone.encoder``, a
+:class:`SASRecEncoder`) reads its sizes from the model's keys (hidden_size, n_layers, n_heads, ... in
+properties/model/GlobalPEFT.yaml)."""
 
 from __future__ import annotations
 
@@ -67,21 +68,24 @@ class SASRecBackbone(Backbone):
 
     @classmethod
     def training_loader(cls, config, dataset, sampler, group_of_user=None, shuffle=True):
-        """One sequence per user per epoch, a negative at every position (dataloader.py)."""
+        """Sequence windows (``train_windows``), a negative at every position or shared ones (dataloader.py)."""
         if group_of_user is None:
             return UserSequenceDataLoader(config, dataset, sampler, shuffle=shuffle)
         return GroupedUserSequenceDataLoader(config, dataset, sampler, group_of_user, shuffle=shuffle)
 
     def batch_items(self, interaction) -> torch.Tensor:
-        """[3, B, L]: the input sequence, the next item and the sampled negative at every position."""
-        return torch.stack([interaction[self.ITEM_SEQ], interaction[TARGET_LIST], interaction[NEG_LIST]])
+        """[3, B, L]: the input sequence, the next item and the sampled negative at every position ([2, B, L]
+        without per-position negatives: SAMPLED_SOFTMAX)."""
+        fields = [self.ITEM_SEQ, TARGET_LIST] + ([NEG_LIST] if NEG_LIST in interaction else [])
+        return torch.stack([interaction[field] for field in fields])
 
     def triples(self, interaction, items, vectors, inverse) -> Triples:
         seq, pos = interaction[self.ITEM_SEQ], interaction[TARGET_LIST]
-        emb = vectors[inverse]  # [3, B, L, H]
+        emb = vectors[inverse]  # [3, B, L, H] (or [2, B, L, H])
         output = self.encode(emb[0], seq)
         target = pos > 0  # positions with a next item (the rest is padding)
-        return Triples(user=output[target], pos=emb[1][target], neg=emb[2][target], pos_items=pos[target])
+        neg = emb[2][target] if len(emb) > 2 else None
+        return Triples(user=output[target], pos=emb[1][target], neg=neg, pos_items=pos[target])
 
     # --- the encoder -----------------------------------------------------------------------------------
 

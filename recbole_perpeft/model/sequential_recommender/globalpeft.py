@@ -3,14 +3,18 @@
 item vector = ID embedding + projector([modality vectors of the PEFT-attached foundation model, or
 a side network's outputs]); a backbone recommender over them (``backbone``: SASRec over the sequence,
 or LightGCN over the user-item graph, ``model/backbones``); binary cross-entropy with one sampled
-negative per training position (Eq. 1), BPR, or (``loss_type: INBATCH``) IISAN/CROSSAN's in-batch
-cross-entropy with popularity correction. ``cmsa_weight`` > 0 adds SDA's cross-modal alignment loss
-on the batch's items.
+negative per training position (Eq. 1), BPR, (``loss_type: INBATCH``) IISAN/CROSSAN's in-batch
+cross-entropy with popularity correction, or (``SAMPLED_SOFTMAX``) a softmax cross-entropy over the
+positive and negatives shared by the batch. ``cmsa_weight`` > 0 adds SDA's cross-modal alignment loss
+on the batch's items. A model with ``has_item_tower = False`` (WithoutMM) has no multimodal part: the
+item vector is the ID embedding, and nothing of the foundation model is built.
 
 Item tables (every item's vector, for evaluation) are cached once per evaluation, keyed by group:
 ``None`` is the global adapter's; personalised subclasses (PerPEFT) add one per interest group."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,21 +23,46 @@ from recbole.utils import InputType
 from torch import nn
 from tqdm import tqdm
 
+from recbole_perpeft.data.dataloader import SAMPLED_SOFTMAX, SHARED_NEG_LOG_Q, SHARED_NEGATIVES
 from recbole_perpeft.model.backbones import build_backbone, get_backbone
 from recbole_perpeft.model.item_tower import ItemTower
-from recbole_perpeft.model.losses import CrossModalAlignment, inbatch_popularity_ce, item_log_popularity
+from recbole_perpeft.model.losses import (
+    CrossModalAlignment,
+    inbatch_popularity_ce,
+    item_log_popularity,
+    sampled_softmax_ce,
+)
 from recbole_perpeft.model.sequence_encoder import init_weights
 
 FOUNDATION_PREFIX = "item_tower.foundation."
-LOSS_TYPES = ("BCE", "BPR", "INBATCH")
+LOSS_TYPES = ("BCE", "BPR", "INBATCH", SAMPLED_SOFTMAX)
+
+
+class SharedNegatives(NamedTuple):
+    """The negatives a batch shares (loss_type SAMPLED_SOFTMAX), in the space users are scored in."""
+
+    items: torch.Tensor  # [K] item ids
+    vectors: torch.Tensor  # [K, H]
+    log_q: torch.Tensor  # [K] log-probability that each is in the draw
 
 
 class GlobalPEFT(SequentialRecommender):
     input_type = InputType.POINTWISE
     adapt_foundation = True
+    has_item_tower = True  # False: ID embeddings only (WithoutMM); no foundation model, no cache
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        # Checked before anything is built (the item tower may load a foundation model and build caches).
+        self.loss_type = str(config["loss_type"]).upper()
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"{type(self).__name__}: loss_type must be one of {', '.join(LOSS_TYPES)}, got "
+                             f"{config['loss_type']!r} (BCE: Eq. 1 with a sampled negative; BPR: the pairwise "
+                             "log-sigmoid; INBATCH: in-batch cross-entropy with popularity correction; "
+                             "SAMPLED_SOFTMAX: cross-entropy over the positive and sampled_softmax_negatives "
+                             "negatives shared by the batch).")
+        if self.loss_type == SAMPLED_SOFTMAX:
+            self._check_sampled_softmax()
         self.initializer_range = config["initializer_range"]
         self.show_progress = bool(config["show_progress"])
         self.item_id_embedding = nn.Embedding(self.n_items, config["hidden_size"], padding_idx=0)
@@ -42,13 +71,8 @@ class GlobalPEFT(SequentialRecommender):
             self.item_id_embedding.weight[0].zero_()
         self.backbone_name = config["backbone"]
         self.backbone = build_backbone(config, dataset)
-        self.item_tower = ItemTower(config, dataset, adapt=self.adapt_foundation)
+        self.item_tower = ItemTower(config, dataset, adapt=self.adapt_foundation) if self.has_item_tower else None
         self._tables: dict[int | None, torch.Tensor] = {}  # item tables of this evaluation, by group
-        self.loss_type = str(config["loss_type"]).upper()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"{type(self).__name__}: loss_type must be one of {', '.join(LOSS_TYPES)}, got "
-                             f"{config['loss_type']!r} (BCE: Eq. 1 with a sampled negative; BPR: the pairwise "
-                             "log-sigmoid; INBATCH: in-batch cross-entropy with popularity correction).")
         if self.loss_type == "INBATCH":
             counts = torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items).float()
             log_pop = item_log_popularity(counts) if config["popularity_correction"] else torch.zeros(self.n_items)
@@ -61,8 +85,20 @@ class GlobalPEFT(SequentialRecommender):
         """The training batches this model's backbone needs (``data_preparation`` calls it)."""
         return get_backbone(config["backbone"]).training_loader(config, dataset, sampler, group_of_user, shuffle)
 
+    def _check_sampled_softmax(self) -> None:
+        # The personal-vector baselines (model/personalisation.py) build their triples in their own
+        # calculate_loss from per-position negatives, which SAMPLED_SOFTMAX batches do not carry.
+        from recbole_perpeft.model.personalisation import PersonalisedGlobalPEFT
+
+        if isinstance(self, PersonalisedGlobalPEFT):
+            raise ValueError(f"{type(self).__name__} does not support loss_type SAMPLED_SOFTMAX (it builds its "
+                             "training triples from per-position negatives): use BCE, BPR or INBATCH.")
+
     def _build_alignment(self, config) -> CrossModalAlignment:
         tower = self.item_tower
+        if tower is None:
+            raise ValueError(f"cmsa_weight > 0 aligns the text and image vectors; {type(self).__name__} has none "
+                             "(ID embeddings only): set cmsa_weight: 0.")
         if len(tower.modalities) != 2:
             raise ValueError(f"cmsa_weight > 0 aligns two modalities; this run has {tower.modalities}. "
                              "Give the items titles and images (image_dir), or set cmsa_weight: 0.")
@@ -83,16 +119,25 @@ class GlobalPEFT(SequentialRecommender):
         """The backbone that scores one group's users (PerPEFT's global path keeps stage 1's)."""
         return self.backbone
 
+    # The two methods below are the only ones that read the item tower for vectors: without one
+    # (has_item_tower False) the item vector is the ID embedding.
+
     def item_vectors(self, items: torch.Tensor, group: int | None = None) -> torch.Tensor:
+        vectors = self.id_embedding_for(group)(items)
+        if self.item_tower is None:
+            return vectors
         if self.item_tower.n_groups:
             self.item_tower.activate(group)
-        return self.id_embedding_for(group)(items) + self.item_tower(items)
+        return vectors + self.item_tower(items)
 
     def item_vectors_and_alignment(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """Item vectors of distinct ``items`` under the active adapter, and the cross-modal alignment
         loss over those that have both modalities (0 when cmsa_weight is 0)."""
+        vectors = self.item_id_embedding(items)
+        if self.item_tower is None:
+            return vectors, 0.0
         parts, per_modality = self.item_tower.encode(items)
-        vectors = self.item_id_embedding(items) + self.item_tower.project(parts)
+        vectors = vectors + self.item_tower.project(parts)
         if self.alignment is None:
             return vectors, 0.0
         both = self.item_tower.present(items)
@@ -103,7 +148,7 @@ class GlobalPEFT(SequentialRecommender):
         evaluation (batched, no grad) and reused until the model goes back to training."""
         if group not in self._tables or self.training:
             items = torch.arange(self.n_items, device=self.item_id_embedding.weight.device)
-            chunks = items.split(self.item_tower.encode_batch_size)
+            chunks = items.split(self.item_tower.encode_batch_size if self.item_tower is not None else self.n_items)
             desc = "Item table" if group is None else f"Item table, group {group}"
             with torch.no_grad():
                 rows = [self.item_vectors(c, group) for c in tqdm(chunks, desc=desc, disable=not self.show_progress,
@@ -120,16 +165,34 @@ class GlobalPEFT(SequentialRecommender):
     # --- training ------------------------------------------------------------------------------------
 
     def calculate_loss(self, interaction):
-        # Each distinct item of the batch goes through the foundation model once.
-        items, inverse = torch.unique(self.backbone.batch_items(interaction), return_inverse=True)
+        # Each distinct item of the batch goes through the foundation model once: the backbone's items and,
+        # under SAMPLED_SOFTMAX, the negatives the batch shares, in one torch.unique pass (here, not in each
+        # backbone's batch_items, so that every backbone gets it).
+        wanted = self.backbone.batch_items(interaction)
+        shared = interaction[SHARED_NEGATIVES][0] if self.loss_type == SAMPLED_SOFTMAX else None
+        flat = wanted if shared is None else torch.cat([wanted.reshape(-1), shared])
+        items, inverse = torch.unique(flat, return_inverse=True)
         vectors, alignment = self.item_vectors_and_alignment(items)
-        triples = self.backbone.triples(interaction, items, vectors, inverse)
-        loss = self.recommendation_loss(triples, items, vectors) + triples.extra_loss
+        own = inverse if shared is None else inverse[: wanted.numel()].view(wanted.shape)
+        triples = self.backbone.triples(interaction, items, vectors, own)
+        negatives = None
+        if shared is not None:
+            space = triples.item_space  # LightGCN: the propagated table; SASRec: the vectors as encoded
+            shared_vectors = space[shared] if space is not None else vectors[inverse[wanted.numel() :]]
+            negatives = SharedNegatives(shared, shared_vectors, interaction[SHARED_NEG_LOG_Q][0])
+        loss = self.recommendation_loss(triples, items, vectors, negatives) + triples.extra_loss
         return loss + self.cmsa_weight * alignment
 
-    def recommendation_loss(self, triples, items, vectors) -> torch.Tensor:
+    def recommendation_loss(self, triples, items, vectors, shared: SharedNegatives | None = None) -> torch.Tensor:
         """``loss_type`` over the backbone's (user, positive, negative) triples; ``items``/``vectors``
-        are the batch's distinct items (the in-batch candidates)."""
+        are the batch's distinct items (the in-batch candidates); ``shared`` the batch's shared negatives
+        (SAMPLED_SOFTMAX)."""
+        if self.loss_type == SAMPLED_SOFTMAX:
+            if shared is None:
+                raise ValueError(f"{type(self).__name__}: loss_type SAMPLED_SOFTMAX needs the batch's shared "
+                                 "negatives (the training loader draws them when loss_type is SAMPLED_SOFTMAX).")
+            return sampled_softmax_ce(triples.user, triples.pos, triples.pos_items, shared.vectors, shared.items,
+                                      shared.log_q)  # fmt: skip
         if self.loss_type == "INBATCH":
             if triples.candidate_items is not None:
                 items, vectors = triples.candidate_items, triples.candidate_vectors
