@@ -17,6 +17,12 @@ Runs go seed by seed, the models of a seed in the given order.
   stage 1 per seed: the first grouped model of a seed trains GlobalPEFT, and its ``global_checkpoint`` is
   passed as ``global_checkpoint`` to the seed's later grouped models (unless ``--global_checkpoint`` is given,
   which then holds for all of them).
+- Underneath, a comparison runs *rows* (:class:`Row`: a label, a model and the row's own overrides, e.g.
+  "w/o group negatives" = PerPEFT with ``group_negatives=False``; :func:`run_rows`, used by
+  recbole_perpeft/reproduce/); ``--model=A,B`` is the rows (A, A, {}), (B, B, {}). A row's runs are
+  ``<label as a file name>-seed<s>.json``. Grouped rows share a seed's stage 1 only where their stage-1
+  settings agree: overrides that differ only in stage-2 keys (:data:`STAGE2_KEYS`) and the model share one,
+  a row with other ``modalities`` (or any other stage-1 key) trains its own.
 - Aggregation, per model and test metric (``hit@20``, ``hit@30``, ``ndcg@20``, ``ndcg@30``, or whichever
   ``metric@k`` keys all runs have): mean and sample standard deviation (ddof=1; 0 with one seed).
 - Paired t-test (``scipy.stats.ttest_rel``) of the reference model (``--ttest=NAME``; default: the last model
@@ -34,7 +40,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 from recbole_perpeft.compare_report import (  # noqa: F401 - re-exported: callers import them from here too
     MARKER,
@@ -53,6 +61,24 @@ from recbole_perpeft.compare_report import (  # noqa: F401 - re-exported: caller
 )
 
 DEFAULT_SEEDS = 1  # a comparison without --seeds: each model once, with the config's seed
+# Keys that only change stage 2 of a two-stage model (what it does after loading the trained GlobalPEFT, its
+# evaluation included): grouped rows whose overrides differ only in these (and in the model) share a stage 1.
+STAGE2_KEYS = frozenset(
+    {"group_negatives", "grouping_method", "n_groups", "soft_groups", "soft_group_weighting",
+     "soft_group_temperature", "stage2_epochs", "weight_decay_grid"}
+)  # fmt: skip
+# Not stage-1 settings either: the seed is matched separately, a given checkpoint replaces stage 1, and a
+# two-stage model ignores `epochs` (stage 1 trains stage1_epochs: two_stage.stage_config).
+NOT_STAGE1_KEYS = STAGE2_KEYS | {"seed", "global_checkpoint", "epochs"}
+
+
+class Row(NamedTuple):
+    """One row of a comparison: ``model`` run with the comparison's overrides plus ``overrides``; ``label``
+    names it in the tables and (as :func:`safe_name`) its run files."""
+
+    label: str
+    model: str
+    overrides: dict = {}  # never mutated (rows are read only)
 
 
 # --- arguments ---------------------------------------------------------------------------------------------
@@ -137,8 +163,38 @@ def output_paths(result_file) -> tuple[Path, Path]:
     return stem.parent / (stem.name + ".runs"), stem.parent / (stem.name + ".md")
 
 
-def run_file(runs_dir, model: str, seed: int) -> Path:
-    return Path(runs_dir) / f"{model}-seed{seed}.json"
+def safe_name(label: str) -> str:
+    """A row label as a file name: 'w/o group negatives' -> 'w-o-group-negatives' ('PerPEFT' stays)."""
+    name = re.sub(r"[^A-Za-z0-9_.+=-]+", "-", str(label)).strip("-.")
+    if not name:
+        raise ValueError(f"row label {label!r} has no character usable in a file name.")
+    return name
+
+
+def run_file(runs_dir, label: str, seed: int) -> Path:
+    return Path(runs_dir) / f"{safe_name(label)}-seed{seed}.json"
+
+
+def check_rows(rows) -> list[Row]:
+    """Rows as :class:`Row` s, with distinct labels and distinct run-file names."""
+    rows = [row if isinstance(row, Row) else Row(*row) for row in rows]
+    if not rows:
+        raise ValueError("no rows to run.")
+    files = {}
+    for row in rows:
+        name = safe_name(row.label)
+        if name in files:
+            raise ValueError(f"rows {files[name]!r} and {row.label!r} would share the run files {name}-seed*.json: "
+                             "give them distinct labels.")  # fmt: skip
+        files[name] = row.label
+    return rows
+
+
+def stage1_key(overrides: dict) -> str:
+    """What a grouped row's stage 1 depends on among its overrides (values as RecBole reads them): rows with
+    the same key can share one stage-1 GlobalPEFT per seed."""
+    settings = {k: _as_config_value(v) for k, v in overrides.items() if k not in NOT_STAGE1_KEYS}
+    return json.dumps(settings, sort_keys=True, default=str)
 
 
 def is_grouped(model: str) -> bool:
@@ -189,6 +245,10 @@ def _as_config_value(value):
         return {"true": True, "false": False}.get(value.lower(), value)
 
 
+# Keys read case-insensitively (peft_type iisan is IISAN): a reused run differing only in case is the same run.
+CASE_FREE_KEYS = ("peft_type", "loss_type")
+
+
 def changed_keys(result: dict, overrides: dict) -> list[str]:
     """Overrides an earlier run's resolved config disagrees with (to warn when reusing it)."""
     config = result.get("config") or {}
@@ -200,9 +260,71 @@ def changed_keys(result: dict, overrides: dict) -> list[str]:
             wanted = json.loads(json.dumps(_as_config_value(value)))
         except (TypeError, ValueError):
             continue
-        if key not in config or config[key] != wanted:
+        have = config.get(key)
+        if key in CASE_FREE_KEYS and isinstance(have, str) and isinstance(wanted, str):
+            have, wanted = have.upper(), wanted.upper()
+        if key not in config or have != wanted:
             changed.append(f"{key}={config.get(key)!r} (now {wanted!r})")
     return changed
+
+
+def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, overrides=None, log="compare",
+             skip=None) -> tuple[dict, dict]:
+    """Train (or reuse) every (row, seed), seed by seed, the rows of a seed in order; return ``runs``
+    ({label: {seed: run file}}) and ``test_results`` ({label: {seed: test_result}}).
+
+    ``skip(row)``: a reason not to run a row (printed once; the row gets no runs), or None."""
+    from recbole_perpeft import quick_start
+
+    rows = check_rows(rows)
+    overrides = dict(overrides or {})
+    grouped = {row.model: is_grouped(row.model) for row in rows}  # also checks every name before anything trains
+    reasons = {row.label: skip(row) if skip else None for row in rows}
+    for label, reason in reasons.items():
+        if reason:
+            print(f"[{log}] skipping {label}: {reason}", flush=True)
+    todo = [row for row in rows if not reasons[row.label]]
+    user_global = _given(overrides.get("global_checkpoint"))
+    total = len(todo) * len(seed_list)
+    print(f"[{log}] {len(todo)} rows x {len(seed_list)} seeds ({', '.join(map(str, seed_list))}) on "
+          f"{dataset}: {total} runs, results in {runs_dir}/", flush=True)  # fmt: skip
+    runs = {row.label: {} for row in todo}
+    test_results = {row.label: {} for row in todo}
+    done = 0
+    for seed in seed_list:
+        stage1 = {}  # this seed's GlobalPEFT checkpoints, by stage-1 settings (stage1_key)
+        for row in todo:
+            done += 1
+            row_overrides = {**overrides, **row.overrides}
+            key = stage1_key(row_overrides)
+            path = run_file(runs_dir, row.label, seed)
+            result = load_run(path, row.model, dataset, seed)
+            if result is not None:
+                print(f"[{log}] run {done} of {total}: {row.label} seed {seed}: reusing {path}", flush=True)
+                changed = changed_keys(result, row_overrides)
+                if changed:
+                    print(f"[{log}] warning: {path} was run with {', '.join(changed)}; delete it to redo it")
+            else:
+                config_dict = {**row_overrides, "seed": seed}
+                note = ""
+                if grouped[row.model] and key in stage1 and not user_global:
+                    config_dict["global_checkpoint"] = stage1[key]
+                    note = f" (stage 1 from {stage1[key]})"
+                print(f"[{log}] run {done} of {total}: {row.label} seed {seed}{note}", flush=True)
+                if path.is_file():
+                    path.unlink()  # another run's or a broken file: this run's result replaces it
+                result = quick_start.run(
+                    row.model, dataset, config_file_list, config_dict=config_dict, result_file=str(path)
+                )
+                if not path.is_file():
+                    quick_start.write_json(str(path), result)
+            if grouped[row.model] and not user_global and key not in stage1:
+                checkpoint = result.get("global_checkpoint")
+                if _given(checkpoint) and os.path.isfile(str(checkpoint)):
+                    stage1[key] = str(checkpoint)
+            runs[row.label][seed] = str(path)
+            test_results[row.label][seed] = result["test_result"]
+    return runs, test_results
 
 
 def compare(
@@ -215,57 +337,18 @@ def compare(
     reference=None,
 ) -> dict:
     """Train (or reuse) every (model, seed), write the comparison JSON and Markdown; return the JSON dict."""
-    from recbole_perpeft import quick_start
-
     models = parse_models(models)
     overrides = dict(overrides or {})
     reference = reference or models[-1]
     if reference not in models:
         raise ValueError(f"--ttest={reference}: not one of the compared models ({', '.join(models)}).")
-    grouped = {m: is_grouped(m) for m in models}  # also checks every name before anything trains
+    for model in models:
+        is_grouped(model)  # every name checked before anything trains (or a seed is looked up)
     seed_list = resolve_seeds(seeds, lambda: config_seed(models[0], dataset, config_file_list, overrides))
     result_file = Path(result_file or f"comparison-{dataset}.json")
     runs_dir, markdown_file = output_paths(result_file)
-    user_global = _given(overrides.get("global_checkpoint"))
-
-    total = len(models) * len(seed_list)
-    print(f"[compare] {len(models)} models x {len(seed_list)} seeds ({', '.join(map(str, seed_list))}) on "
-          f"{dataset}: {total} runs, results in {runs_dir}/", flush=True)  # fmt: skip
-    runs = {m: {} for m in models}
-    test_results = {m: {} for m in models}
-    done = 0
-    for seed in seed_list:
-        stage1 = None  # this seed's GlobalPEFT checkpoint, from its first grouped model
-        for model in models:
-            done += 1
-            path = run_file(runs_dir, model, seed)
-            result = load_run(path, model, dataset, seed)
-            if result is not None:
-                print(f"[compare] run {done} of {total}: {model} seed {seed}: reusing {path}", flush=True)
-                changed = changed_keys(result, overrides)
-                if changed:
-                    print(f"[compare] warning: {path} was run with {', '.join(changed)}; delete it to redo it")
-            else:
-                config_dict = {**overrides, "seed": seed}
-                note = ""
-                if grouped[model] and stage1 and not user_global:
-                    config_dict["global_checkpoint"] = stage1
-                    note = f" (stage 1 from {stage1})"
-                print(f"[compare] run {done} of {total}: {model} seed {seed}{note}", flush=True)
-                if path.is_file():
-                    path.unlink()  # another run's or a broken file: this run's result replaces it
-                result = quick_start.run(
-                    model, dataset, config_file_list, config_dict=config_dict, result_file=str(path)
-                )
-                if not path.is_file():
-                    quick_start.write_json(str(path), result)
-            if grouped[model] and not user_global and stage1 is None:
-                checkpoint = result.get("global_checkpoint")
-                if _given(checkpoint) and os.path.isfile(str(checkpoint)):
-                    stage1 = str(checkpoint)
-            runs[model][seed] = str(path)
-            test_results[model][seed] = result["test_result"]
-
+    rows = [Row(model, model, {}) for model in models]
+    runs, test_results = run_rows(rows, dataset, seed_list, runs_dir, config_file_list, overrides)
     summary = summarise(dataset, models, seed_list, test_results, reference=reference, runs=runs)
     markdown = write_report(summary, result_file, markdown_file)
     print("\n" + markdown, flush=True)

@@ -124,25 +124,36 @@ def table_header(metrics) -> list[str]:
     return ["| Model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
 
 
-def render_markdown(summary: dict) -> str:
+def _paper_metrics(metrics, models, paper) -> set[str]:
+    """The metrics with a number from the paper for at least one of ``models``."""
+    return {metric for metric in metrics if any(paper.get(m, {}).get(metric) is not None for m in models)}
+
+
+def render_markdown(summary: dict, title: str | None = None, paper: dict | None = None) -> str:
     """The comparison JSON (:func:`summarise`'s dict) as Markdown: metrics x100 with 2 decimals,
     ``mean (std)``, the best mean per column in bold, ``†`` on a model's cell where the paired t-test
-    against the reference gives p < 0.05, then the p-values."""
+    against the reference gives p < 0.05, then the p-values.
+
+    ``title``: the first line (default: what the numbers are, on which dataset and seeds). ``paper``:
+    {model: {metric: number as the paper prints it}}; a metric with any such number gets a ``<metric> (paper)``
+    column right after ours, the paper's text copied as it is (blank where the paper has none)."""
     models, metrics, results = summary["models"], summary["metrics"], summary["results"]
     seeds = summary.get("seeds", [])
     ttest = summary.get("ttest") or {}
     reference, p_values = ttest.get("reference"), ttest.get("p_values") or {}
+    paper = paper or {}
+    with_paper = _paper_metrics(metrics, models, paper)
 
     def shown(value):
         return f"{value * 100:.2f}"
 
     best = {metric: max(results[m][metric]["mean"] for m in models) for metric in metrics}
-    lines = [
-        f"Test metrics on {summary.get('dataset')} (x100): mean (std) over {len(seeds)} seed"
-        f"{'s' if len(seeds) != 1 else ''} ({', '.join(str(s) for s in seeds)}); best mean in bold.",
-        "",
-        *table_header(metrics),
-    ]
+    columns = [c for metric in metrics for c in ([metric, f"{metric} (paper)"] if metric in with_paper else [metric])]
+    if title is None:
+        plural = "s" if len(seeds) != 1 else ""
+        title = (f"Test metrics on {summary.get('dataset')} (x100): mean (std) over {len(seeds)} seed{plural} "
+                 f"({', '.join(str(s) for s in seeds)}); best mean in bold.")  # fmt: skip
+    lines = [title, "", *table_header(columns)]
     for model in models:
         cells = []
         for metric in metrics:
@@ -154,6 +165,9 @@ def render_markdown(summary: dict) -> str:
             if _significant(p_values.get(model, {}).get(metric)):
                 cell += MARKER
             cells.append(cell)
+            if metric in with_paper:
+                value = paper.get(model, {}).get(metric)
+                cells.append("" if value is None else str(value))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if reference is not None:
         lines += [

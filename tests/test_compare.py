@@ -212,6 +212,54 @@ def test_compare_checks_names_and_reference_before_training(tmp_path, fake_run):
     assert not fake_run.calls
 
 
+def test_row_labels_become_safe_distinct_file_names(tmp_path):
+    assert cmp.safe_name("w/o group negatives") == "w-o-group-negatives"
+    assert cmp.safe_name("GlobalPEFT LORA missing0.25") == "GlobalPEFT-LORA-missing0.25"
+    assert cmp.run_file("r", "soft groups (k=2)", 3) == Path("r/soft-groups-k=2-seed3.json")
+    with pytest.raises(ValueError, match="file name"):
+        cmp.safe_name("//")
+    with pytest.raises(ValueError, match="distinct labels"):
+        cmp.check_rows([("w/o text", "PerPEFT", {}), ("w-o text", "PerPEFT", {})])
+
+
+def test_stage1_key_ignores_stage2_keys_seed_and_epochs_only():
+    base = cmp.stage1_key({"peft_type": "LORA", "learning_rate": "1e-3"})
+    stage2_only = {"group_negatives": False, "grouping_method": "random", "n_groups": "4", "soft_groups": 2,
+                   "stage2_epochs": 5, "weight_decay_grid": [0, 0.1], "seed": 3, "epochs": 30}  # fmt: skip
+    assert base == cmp.stage1_key({"learning_rate": 0.001, "peft_type": "LORA", **stage2_only})
+    assert base != cmp.stage1_key({"peft_type": "LORA", "learning_rate": "1e-3", "modalities": ["image"]})
+    assert base != cmp.stage1_key({"peft_type": "IA3", "learning_rate": "1e-3"})
+    assert base != cmp.stage1_key({"peft_type": "LORA", "learning_rate": "1e-3", "stage1_epochs": 2})
+
+
+def test_run_rows_runs_labelled_rows_and_shares_stage1_by_settings(tmp_path, fake_run, capsys):
+    rows = [cmp.Row("w/o text", "PerPEFT", {"modalities": ["image"]}),
+            cmp.Row("w/o group negatives", "PerPEFT", {"group_negatives": False}),
+            cmp.Row("SASRec", "SASRec", {"epochs": 30}),
+            cmp.Row("GroupLevel1", "GroupLevel1", {"n_groups": 4}),
+            cmp.Row("PerPEFT", "PerPEFT")]  # fmt: skip
+    runs, results = cmp.run_rows(rows, "ds", [5], tmp_path / "runs", overrides={"learning_rate": "1e-3"}, log="t")
+    calls = {Path(c["result_file"]).name: c["config_dict"] for c in fake_run.calls}
+    assert list(calls) == ["w-o-text-seed5.json", "w-o-group-negatives-seed5.json", "SASRec-seed5.json",
+                           "GroupLevel1-seed5.json", "PerPEFT-seed5.json"]  # fmt: skip
+    assert calls["w-o-text-seed5.json"] == {"learning_rate": "1e-3", "modalities": ["image"], "seed": 5}
+    assert calls["SASRec-seed5.json"]["epochs"] == 30 and "global_checkpoint" not in calls["SASRec-seed5.json"]
+    # w/o text trains its own stage 1 (other modalities); the stage-2 variants share the first plain one's.
+    assert "global_checkpoint" not in calls["w-o-group-negatives-seed5.json"]
+    first_plain = str(tmp_path / "stage1-PerPEFT-5.pth")  # FakeRun names stage 1 by model and seed
+    assert calls["GroupLevel1-seed5.json"]["global_checkpoint"] == first_plain
+    assert calls["PerPEFT-seed5.json"]["global_checkpoint"] == first_plain
+    assert runs["w/o text"] == {5: str(tmp_path / "runs" / "w-o-text-seed5.json")}
+    assert results["PerPEFT"][5]["hit@5"] == pytest.approx(0.3 + 0.05)
+    assert "[t] run 1 of 5: w/o text seed 5" in capsys.readouterr().out
+
+    skipped = cmp.run_rows(rows[:3], "ds", [5], tmp_path / "runs", overrides={"learning_rate": "1e-3"}, log="t",
+                           skip=lambda row: "no images" if row.label == "w/o text" else None)  # fmt: skip
+    assert set(skipped[0]) == {"w/o group negatives", "SASRec"} and len(fake_run.calls) == 5  # the rest reused
+    out = capsys.readouterr().out
+    assert "[t] skipping w/o text: no images" in out and "run 2 of 2: SASRec seed 5: reusing" in out
+
+
 # --- command line ------------------------------------------------------------------------------------------------
 
 

@@ -138,3 +138,20 @@ def test_write_report_writes_the_json_and_the_markdown(tmp_path):
     assert json.loads((tmp_path / "out" / "t.json").read_text()) == summary
     assert (tmp_path / "md" / "t.md").read_text() == markdown == report.render_markdown(summary)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t.json"]  # no temporary file left
+
+
+def test_render_markdown_with_a_title_and_the_papers_numbers():
+    summary = report.summarise("ds", ["A", "B"], [1, 2, 3], results_table())
+    plain = report.render_markdown(summary)
+    assert report.render_markdown(summary, paper={}) == plain  # no paper numbers: the table is unchanged
+    text = report.render_markdown(summary, title="## LORA", paper={"B": {"hit@30": "45.10", "ndcg@20": 11.5},
+                                                                   "C": {"hit@20": "1.00"}})  # fmt: skip
+    lines = text.splitlines()
+    assert lines[0] == "## LORA"
+    # A "(paper)" column after each metric the paper has for a shown model (C is not shown: no hit@20 column).
+    assert "| Model | hit@20 | hit@30 | hit@30 (paper) | ndcg@20 | ndcg@20 (paper) | ndcg@30 |" in lines
+    # B is the reference (no †); A's hit@30 trails by a constant 15 points (p ~ 0) and its ndcg@20 with p 0.009.
+    assert "| B | **32.33** (2.52) | **45.00** (10.00) | 45.10 | **11.00** (1.00) | 11.5 | **7.00** (1.00) |" in lines
+    assert "| A | 20.00 (10.00) | 30.00 (10.00)† |  | 5.00 (0.00)† |  | **7.00** (1.00) |" in lines
+    # The p-value table keeps our metrics only.
+    assert lines.count("| Model | hit@20 | hit@30 | ndcg@20 | ndcg@30 |") == 1
