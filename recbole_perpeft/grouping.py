@@ -4,7 +4,13 @@ Users are clustered on their interest vectors; each group later gets its own PEF
 candidate item pool I^(c) (§3.3.2). Only real users with data enter the fit, labels are indexed by
 internal RecBole user id (-1 = padding id 0 or a user left out), and a group that ends up empty is
 dropped so that no adapter is ever trained on nothing. The fitted model is kept as plain arrays so a
-checkpoint can hold it (``torch.load(weights_only=True)``) and new users can be assigned later."""
+checkpoint can hold it (``torch.load(weights_only=True)``) and new users can be assigned later.
+
+Beyond the paper (its limitation D.3.2: one group per user), :meth:`UserGroups.assign_soft` gives a user
+its k most likely groups and mixing weights by the grouping's own rule (K-Means: distance to the
+centres; GMM: the posterior). The vectors the grouping was fitted on are kept (``interest_vectors``) so
+that training users get their weights from exactly what placed them in their group; groups saved
+before they were kept load as before and assign hard only."""
 
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from sklearn.mixture import GaussianMixture
 from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
 
 METHODS = ("kmeans", "gmm", "random")
-_ARRAY_FIELDS = ("centers", "gmm_weights", "gmm_means", "gmm_covariances")
+# Soft assignment: the rule each grouping method assigns by (random groups have no geometry to weigh by).
+SOFT_WEIGHTINGS = {"kmeans": "distance", "gmm": "posterior"}
+_ARRAY_FIELDS = ("centers", "gmm_weights", "gmm_means", "gmm_covariances", "interest_vectors")
 
 
 @dataclass
@@ -31,6 +39,9 @@ class UserGroups:
     gmm_weights: np.ndarray | None = None  # gmm ('full' covariances): [C]
     gmm_means: np.ndarray | None = None  # [C, D]
     gmm_covariances: np.ndarray | None = None  # [C, D, D]
+    # [n_users, D] float32: the vectors the fit saw (rows of ungrouped ids are zeros); None in groups
+    # saved before soft assignment existed.
+    interest_vectors: np.ndarray | None = None
 
     def sizes(self) -> list[int]:
         """Users per group (length ``n_groups``); ungrouped ids are not counted."""
@@ -50,6 +61,59 @@ class UserGroups:
         if self.method == "gmm":
             return self._gaussian_mixture().predict(vectors.astype(np.float64)).astype(np.int64)
         raise ValueError(f"Unknown grouping method {self.method!r}; expected one of {METHODS}.")
+
+    def assign_soft(self, vectors: np.ndarray, k: int, weighting: str | None = None,
+                    temperature: float | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The ``k`` groups [M, k] int64 of new users' interest vectors [M, D] with the most weight, most
+        first, and their weights [M, k] float32 (summing to 1 per row): a softmax over all groups,
+        restricted to the top ``k`` and renormalised. ``k=1`` is :meth:`assign` with weight 1.
+
+        ``weighting`` (None: the grouping's own rule) is ``distance`` (K-Means) or ``posterior`` (GMM);
+        ``temperature`` (None: 1) sharpens (< 1) or flattens (> 1) the weights, see :func:`soft_logits`."""
+        weighting = check_soft_groups(k, weighting, temperature, self.method, self.n_groups)
+        if k == 1:
+            return self.assign(vectors)[:, None], np.ones((len(vectors), 1), dtype=np.float32)
+        temperature = 1.0 if temperature is None else float(temperature)
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if vectors.ndim != 2:
+            raise ValueError(f"assign_soft expects interest vectors of shape [M, D], got {vectors.shape}.")
+        if weighting == "distance":
+            # Exact differences, not |x|^2 + |c|^2 - 2x.c: the logits divide by the nearest squared distance,
+            # which the expansion's cancellation would make noisy. In chunks, to bound the [m, C, D] temporary.
+            c = self.centers.astype(np.float64)
+            sq_dist = np.concatenate([((chunk[:, None, :] - c[None]) ** 2).sum(-1)
+                                      for chunk in np.array_split(vectors, max(1, len(vectors) // 4096))])  # fmt: skip
+            logits = soft_logits(sq_dist, temperature)
+        else:
+            with np.errstate(divide="ignore"):  # a posterior that underflows to 0 is weight 0
+                logits = np.log(self._gaussian_mixture().predict_proba(vectors)) / temperature
+        logits = logits - logits.max(axis=1, keepdims=True)
+        weights = np.exp(logits)
+        weights /= weights.sum(axis=1, keepdims=True)
+        # Most weight first; equal weights in group order (a stable sort), so the order is deterministic.
+        top = np.argsort(-weights, axis=1, kind="stable")[:, :k]
+        kept = np.take_along_axis(weights, top, axis=1)
+        return top.astype(np.int64), (kept / kept.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def user_soft_groups(self, k: int, weighting: str | None = None,
+                         temperature: float | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """:meth:`assign_soft` of every fitted user from the vectors it was fitted on: groups [n_users, k]
+        (-1 for ungrouped ids) and weights [n_users, k] (0 there)."""
+        check_soft_groups(k, weighting, temperature, self.method, self.n_groups)
+        groups = np.full((len(self.labels), k), -1, dtype=np.int64)
+        weights = np.zeros((len(self.labels), k), dtype=np.float32)
+        if k == 1:  # the hard assignment, which needs no stored vectors (groups saved before they were kept)
+            groups[:, 0], weights[:, 0] = self.labels, (self.labels >= 0).astype(np.float32)
+            return groups, weights
+        if self.interest_vectors is None:
+            raise ValueError(
+                "These user groups were saved without the interest vectors they were fitted on (a groups file "
+                "from before soft assignment): soft_groups > 1 needs them. Use soft_groups: 1, or regroup "
+                "(rerun stage 2 from the stage-1 checkpoint with --global_checkpoint)."
+            )
+        users = np.flatnonzero(self.labels >= 0)
+        groups[users], weights[users] = self.assign_soft(self.interest_vectors[users], k, weighting, temperature)
+        return groups, weights
 
     def _gaussian_mixture(self) -> GaussianMixture:
         """A fitted-equivalent sklearn model rebuilt from the stored parameters."""
@@ -99,6 +163,46 @@ def check_grouping(n_groups, method: str, n_users: int) -> None:
             f"n_groups={n_groups} is invalid for {n_users} users with interest vectors: "
             f"it must be an integer between 1 and {n_users}; lower --n_groups (or raise it to at least 1)."
         )
+
+
+def soft_logits(sq_dist: np.ndarray, temperature: float) -> np.ndarray:
+    """Distance weighting's logits [M, C] from squared distances [M, C] to the centres:
+    -d_c^2 / (temperature * d_min^2), d_min the user's distance to its nearest centre.
+
+    Why relative to d_min: the interest space has no natural unit (its scale follows the backbone's
+    training), so an absolute temperature would mean something else for every run. Divided by the
+    nearest squared distance, the weights depend only on ratios of distances: the same under any
+    rescaling of the vectors, and per user, so that a user far out between two centres gets a mix
+    while one close to its centre stays nearly hard. With temperature 1 a centre twice as far (in
+    squared distance) as the nearest weighs e^-1 of it. A user exactly on a centre keeps that group alone."""
+    nearest = sq_dist.min(axis=1, keepdims=True)
+    scale = temperature * np.maximum(nearest, np.finfo(np.float64).tiny)
+    with np.errstate(over="ignore"):  # on a centre: the other groups' logits overflow to -inf, weight 0
+        return -(sq_dist - nearest) / scale
+
+
+def check_soft_groups(k, weighting: str | None, temperature, method: str, n_groups: int) -> str:
+    """Soft-assignment settings against the grouping; returns the weighting (None: the method's own)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_groups:
+        raise ValueError(f"soft_groups={k!r} is invalid: it must be an integer between 1 (each user in its own "
+                         f"group, the paper's) and n_groups={n_groups} (every group's model mixed).")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, int | float)
+                                    or not temperature > 0):  # fmt: skip
+        raise ValueError(f"soft_group_temperature must be a positive number (or ~ for 1), got {temperature!r}.")
+    if weighting is not None and str(weighting).lower() not in SOFT_WEIGHTINGS.values():
+        raise ValueError(f"Unknown soft_group_weighting {weighting!r}; expected distance (kmeans), posterior "
+                         "(gmm) or ~ (the grouping's own rule).")
+    own = SOFT_WEIGHTINGS.get(method)
+    weighting = own if weighting is None else str(weighting).lower()
+    if k == 1:
+        return weighting  # the hard assignment: every method has one, whatever the weighting
+    if own is None:
+        raise ValueError(f"soft_groups={k} needs a grouping with a geometry to weigh groups by; grouping_method "
+                         f"{method!r} has none. Use grouping_method kmeans or gmm, or soft_groups: 1.")
+    if weighting != own:
+        raise ValueError(f"soft_group_weighting {weighting} does not fit grouping_method {method}, which groups by "
+                         f"{own}: set soft_group_weighting: {own} (or ~ for the grouping's own rule).")
+    return weighting
 
 
 def fit_user_groups(
@@ -160,7 +264,9 @@ def fit_user_groups(
 
     labels = np.full(n_users, -1, dtype=np.int64)
     labels[user_ids] = fit_labels
-    groups = UserGroups(labels=labels, n_groups=len(kept), method=method, seed=seed, **params)
+    fitted = np.zeros((n_users, vectors.shape[1]), dtype=np.float32)
+    fitted[user_ids] = vectors
+    groups = UserGroups(labels=labels, n_groups=len(kept), method=method, seed=seed, interest_vectors=fitted, **params)
     logging.getLogger().info(f"User grouping ({method}, seed {seed}): {groups.n_groups} groups, sizes {groups.sizes()}")
     return groups
 

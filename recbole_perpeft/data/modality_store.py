@@ -10,7 +10,14 @@ each file's path, size and modification time (a missing file too: an image that 
 replaced, invalidates the entry) plus the decoding (:data:`IMAGE_DECODING`). ``modality_source`` gives
 that key part to the other caches built from these inputs (frozen features, layer states). Writes are
 atomic and locked per entry (:mod:`recbole_perpeft.data.cache_files`): runs sharing a ``cache_dir``
-build each entry once and never read half a file."""
+build each entry once and never read half a file.
+
+``missing_image_ratio`` (beyond the paper, its limitation D.3.3) withholds a seeded share of the items'
+images after the pixel cache is read: those items are treated exactly as items without an image file
+(``has_image`` False, so every adapter family gives them the learned placeholder). The pixel cache is
+shared by every ratio; the caches built later from ``has_image`` (frozen features, layer states) encode
+only the items that keep their image, so :meth:`ItemModalityStore.modality_source` keys them by the
+withheld items (see :meth:`ItemModalityStore.image_pixels` for how a caller can share them too)."""
 
 from __future__ import annotations
 
@@ -119,7 +126,44 @@ def file_stamp(path: str | None) -> list | None:
     return [path, st.st_size, st.st_mtime_ns]
 
 
+def withheld_image_items(has_image: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """[n_items] bool: ``round(ratio * n)`` of the n items with ``has_image``, chosen by the seed (round
+    half up). Every item id gets a seeded random key and the present items with the smallest keys are
+    withheld: a larger ratio with the same seed withholds a superset, and an image added to or removed
+    from the dataset changes the choice of no other item."""
+    has_image = torch.as_tensor(has_image, dtype=torch.bool).cpu()
+    present = np.flatnonzero(has_image.numpy())
+    count = int(np.floor(ratio * len(present) + 0.5))
+    keys = np.random.default_rng(seed).random(len(has_image))
+    chosen = present[np.argsort(keys[present], kind="stable")[:count]]
+    withheld = torch.zeros(len(has_image), dtype=torch.bool)
+    withheld[torch.from_numpy(chosen)] = True
+    return withheld
+
+
+def missing_image_settings(config) -> tuple[float, int]:
+    """``missing_image_ratio`` (a number in [0, 1]) and the seed (``missing_image_seed``, ~: ``seed``)."""
+    def get(key):
+        return config[key] if key in config else None
+
+    ratio = get("missing_image_ratio")
+    ratio = 0.0 if ratio is None else ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"missing_image_ratio must be a number between 0 (keep every image) and 1 (withhold "
+                         f"them all), got {ratio!r}.")
+    seed = get("missing_image_seed")
+    seed = get("seed") if seed is None else seed
+    seed = 0 if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"missing_image_seed must be an integer (or ~ for the run's seed), got {seed!r}.")
+    return float(ratio), seed
+
+
 class ItemModalityStore:
+    missing_image_ratio = 0.0
+    missing_image_seed = 0
+    withheld_images: torch.Tensor | None = None  # [n_items] bool, once image_pixels withheld some
+
     def __init__(self, config, dataset):
         self.logger = getLogger()
         self.dataset_name = config["dataset"]
@@ -134,6 +178,23 @@ class ItemModalityStore:
         missing = self.n_items - 1 - int(self.has_text.sum())
         if missing:
             self.logger.warning(f"{missing} of {self.n_items - 1} items have no text: they get a learned placeholder.")
+        self.missing_image_ratio, self.missing_image_seed = missing_image_settings(config)
+        if self.missing_image_ratio > 0:
+            self._check_images_to_withhold(config["modalities"] if "modalities" in config else None)
+
+    def _check_images_to_withhold(self, modalities) -> None:
+        """An error, not a warning: a run meant to measure robustness to missing images would otherwise
+        report the numbers of a run with no images withheld, under the ratio's name."""
+        ratio = self.missing_image_ratio
+        if modalities is not None and "image" not in modalities:
+            raise ValueError(f"missing_image_ratio={ratio} withholds item images, but this run uses none (modalities: "
+                             f"{list(modalities)}). Set missing_image_ratio: 0, or add image to modalities.")
+        if not self.image_availability().any():
+            raise ValueError(
+                f"missing_image_ratio={ratio} withholds item images, but no item of {self.dataset_name} has an image "
+                "file (a text-only dataset, or image_dir / image_field point nowhere): there is nothing to withhold. "
+                "Set missing_image_ratio: 0, or give the items images."
+            )
 
     def _cache_file(self, kind: str, *parts) -> str:
         os.makedirs(self.cache_dir, exist_ok=True)
@@ -152,6 +213,13 @@ class ItemModalityStore:
         file's path, size and mtime (missing ones included) and how it is decoded."""
         if modality == "text":
             return self.texts
+        source = self._image_files_source()
+        if self.withheld_images is not None and bool(self.withheld_images.any()):
+            # What is built from has_image from here on encodes only the items that keep their image.
+            source["withheld"] = torch.nonzero(self.withheld_images).flatten().tolist()
+        return source
+
+    def _image_files_source(self) -> dict:
         return {"files": self.image_stamps(), "decoding": IMAGE_DECODING}
 
     # --- text ----------------------------------------------------------------------------------------
@@ -177,9 +245,13 @@ class ItemModalityStore:
         """Which items have an image file (existence only; decoding may still find it corrupt)."""
         return torch.tensor([stamp is not None and stamp[1] is not None for stamp in self.image_stamps()])
 
-    def image_pixels(self, size: int) -> tuple[np.ndarray, torch.Tensor]:
-        """uint8 pixels [n_items, 3, size, size] (memory-mapped from the cache) and ``has_image``."""
-        base = self._cache_file("pixels", self.modality_source("image"), size)
+    def image_pixels(self, size: int, withhold: bool = True) -> tuple[np.ndarray, torch.Tensor]:
+        """uint8 pixels [n_items, 3, size, size] (memory-mapped from the cache) and ``has_image``, without
+        the images ``missing_image_ratio`` withholds (``withhold``; the pixel cache is the same either way).
+
+        A caller that builds its has_image-derived caches first and only then applies
+        :meth:`withhold_images` (``withhold=False``) keeps those caches shared across ratios too."""
+        base = self._cache_file("pixels", self._image_files_source(), size)
         pixels_file, mask_file = base + ".npy", base + "-mask.npy"
 
         def complete() -> bool:  # the pixels are renamed into place after the mask
@@ -189,7 +261,26 @@ class ItemModalityStore:
             with build_lock(base, [pixels_file, mask_file], "the decoded item images"):
                 if not complete():  # another process may have decoded them while we waited
                     self._decode_images(size, pixels_file, mask_file)
-        return np.load(pixels_file, mmap_mode="r"), torch.from_numpy(np.load(mask_file))
+        has_image = torch.from_numpy(np.load(mask_file))
+        return np.load(pixels_file, mmap_mode="r"), self.withhold_images(has_image) if withhold else has_image
+
+    def withhold_images(self, has_image: torch.Tensor) -> torch.Tensor:
+        """``has_image`` without the images ``missing_image_ratio`` withholds (a new tensor; unchanged at
+        ratio 0); records them in ``withheld_images`` and logs how many."""
+        if self.missing_image_ratio == 0:
+            return has_image
+        if not bool(has_image.any()):
+            raise ValueError(f"missing_image_ratio={self.missing_image_ratio}: no item of {self.dataset_name} has a "
+                             "usable image (all missing or corrupt), so there is nothing to withhold. Set "
+                             "missing_image_ratio: 0, or fix the images.")
+        withheld = withheld_image_items(has_image, self.missing_image_ratio, self.missing_image_seed)
+        self.withheld_images = withheld
+        self.logger.info(
+            f"missing_image_ratio {self.missing_image_ratio} (seed {self.missing_image_seed}): withheld the images "
+            f"of {int(withheld.sum())} of the {int(has_image.sum())} items that have one; they get the learned "
+            "placeholder, as items without an image file."
+        )
+        return has_image & ~withheld
 
     def _decode_images(self, size: int, pixels_file: str, mask_file: str) -> None:
         has_image = np.zeros(self.n_items, dtype=bool)

@@ -3,7 +3,11 @@
 Built from a trained GlobalPEFT (``recbole_perpeft.two_stage.TwoStageTrainer``): every group's
 adapter and projector start as copies of the global ones; the item ID embeddings and the backbone
 (SASRec or LightGCN) are shared. A user's items are always encoded with its own group's adapter and projector, in
-training (group-homogeneous batches) and in evaluation (one item table per group)."""
+training (group-homogeneous batches) and in evaluation (one item table per group).
+
+Beyond the paper (its limitation D.3.2), ``soft_groups: k`` > 1 scores a user at evaluation and in
+:meth:`PerPEFT.recommend` as the weighted mix of its scores under its k most likely groups' models
+(weights: ``UserGroups.assign_soft``, by the grouping's own rule). Training stays hard."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import torch
 from recbole.data.interaction import Interaction
 from tqdm import tqdm
 
+from recbole_perpeft.adapters.registry import option
 from recbole_perpeft.data.dataloader import GROUP_ID
+from recbole_perpeft.grouping import check_soft_groups
 from recbole_perpeft.model.personalisation import TwoStageGrouped
 from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
 
@@ -31,6 +37,18 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
         self.global_item_id_embedding = copy.deepcopy(self.item_id_embedding).requires_grad_(False)
         self.global_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self._group_names = self._group_parameter_names()  # fixed from here on; read per key by load_global
+        # Soft groups (checked here, before stage 1 trains; n_groups and grouping_method were checked above).
+        self.soft_groups = option(config, "soft_groups", 1)
+        self.soft_group_weighting = option(config, "soft_group_weighting", None)
+        self.soft_group_temperature = option(config, "soft_group_temperature", None)
+        check_soft_groups(self.soft_groups, self.soft_group_weighting, self.soft_group_temperature,
+                          config["grouping_method"], config["n_groups"])  # fmt: skip
+        if self.soft_groups > 1:
+            # Derived from the grouping by set_groups, not checkpointed: a checkpoint is the same for any
+            # soft_groups (training is hard), and one trained once can be evaluated with any k.
+            shape = (dataset.user_num, self.soft_groups)
+            self.register_buffer("soft_group_of_user", torch.full(shape, -1, dtype=torch.long), persistent=False)
+            self.register_buffer("soft_weight_of_user", torch.zeros(shape), persistent=False)
 
     # --- initialisation from GlobalPEFT --------------------------------------------------------------
 
@@ -57,6 +75,11 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
             raise ValueError(f"{groups.n_groups} groups given to a model built for {self.item_tower.n_groups}.")
         super().set_groups(groups)
         self.group_of_user.copy_(torch.as_tensor(groups.labels, dtype=torch.long))
+        if self.soft_groups > 1:
+            top, weights = groups.user_soft_groups(self.soft_groups, self.soft_group_weighting,
+                                                   self.soft_group_temperature)  # fmt: skip
+            self.soft_group_of_user.copy_(torch.from_numpy(top))
+            self.soft_weight_of_user.copy_(torch.from_numpy(weights))
 
     # --- one group's model -----------------------------------------------------------------------------
 
@@ -81,14 +104,32 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
     # --- evaluation and serving ----------------------------------------------------------------------
 
     def full_sort_predict(self, interaction):
-        """Each user scored against its own group's table, over the whole item set."""
-        groups = self.group_of_user[interaction[self.USER_ID]]
+        """Each user scored against its own group's table, over the whole item set (``soft_groups`` > 1:
+        the weighted mix of its scores under its k most likely groups)."""
+        users = interaction[self.USER_ID]
+        groups = self.group_of_user[users]
         if (groups < 0).any():
             raise ValueError("full_sort_predict got users without a group; use recommend() for new users.")
+        if self.soft_groups > 1:
+            top = self.soft_group_of_user[users]
+            if (top < 0).any():
+                raise RuntimeError(f"soft_groups={self.soft_groups}: no soft assignment for these users; load the "
+                                   "run's groups file (set_groups) before evaluating.")
+            return self.mixed_scores(interaction, top, self.soft_weight_of_user[users])
         scores = torch.empty(len(groups), self.n_items, device=groups.device)
         for group in groups.unique().tolist():
             rows = torch.nonzero(groups == group).flatten()
             scores[rows] = self.scores(interaction[rows], group)
+        return scores
+
+    def mixed_scores(self, interaction, top: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """[B, n_items]: sum over j of ``weights[:, j]`` times the scores under group ``top[:, j]``
+        ([B, k] each; a row's groups are distinct). Each (user, group) pair is scored once, each
+        group's table built once per evaluation."""
+        scores = torch.zeros(len(top), self.n_items, device=weights.device)
+        for group in top.unique().tolist():
+            rows, slot = torch.nonzero(top == group, as_tuple=True)
+            scores[rows] += weights[rows, slot].unsqueeze(1) * self.scores(interaction[rows], group)
         return scores
 
     def predict(self, interaction):
@@ -109,7 +150,8 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
     @torch.no_grad()
     def recommend(self, history, k: int = 10) -> tuple[list[int], int]:
         """Top-k internal item ids for a user not seen in training, from its item history (internal
-        ids, oldest first), and the group it was assigned to."""
+        ids, oldest first), and the group it was assigned to (``soft_groups`` > 1: ranked by the mix of
+        its k most likely groups' scores; the group returned is the one with the most weight)."""
         if self.user_groups is None:
             raise RuntimeError("No grouping attached: load the run's groups file (set_groups).")
         was_training = self.training
@@ -118,8 +160,15 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
         seq = torch.as_tensor(list(history)[-self.max_seq_length:], dtype=torch.long).unsqueeze(0)
         batch = self._history_batch(seq, torch.tensor([seq.shape[1]]))
         interest = self.interest_vectors(seq, batch[self.ITEM_SEQ_LEN]).cpu().numpy()
-        group = int(self.user_groups.assign(interest.astype(np.float32))[0])
-        scores = self.scores(batch, group)[0]
+        if self.soft_groups > 1:
+            top, weights = self.user_groups.assign_soft(interest.astype(np.float32), self.soft_groups,
+                                                        self.soft_group_weighting, self.soft_group_temperature)
+            device = self.group_of_user.device
+            group = int(top[0, 0])
+            scores = self.mixed_scores(batch, torch.from_numpy(top).to(device), torch.from_numpy(weights).to(device))[0]
+        else:
+            group = int(self.user_groups.assign(interest.astype(np.float32))[0])
+            scores = self.scores(batch, group)[0]
         scores[0] = -torch.inf
         items = torch.topk(scores, k).indices.tolist()
         if was_training:
