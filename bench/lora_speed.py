@@ -4,7 +4,8 @@ backward on the same items, fp32 against bf16 autocast (``precision``), padded a
 inference, peak memory, and an epoch of PerPEFT's stage 2 against one of GlobalPEFT.
 
     python bench/lora_speed.py [--tiny] [--device=cpu|cuda] [--setups=pair,clip] [--users=64] [--items=600]
-        [--seq_len=10] [--batch=16] [--steps=3] [--precisions=fp32,bf16] [--no_epochs] [--workdir=DIR]
+        [--seq_len=10] [--batch=16] [--steps=3] [--precisions=fp32,bf16] [--adapt_layers=1,2] [--no_epochs]
+        [--workdir=DIR]
 
 Setups, each GlobalPEFT with LoRA on the paper's targets, batch 16 users:
 - ``pair``: all-MiniLM-L6-v2 + EfficientNet-Lite0 from their wheels, titles only (amazon-scientific has no
@@ -13,17 +14,18 @@ Setups, each GlobalPEFT with LoRA on the paper's targets, batch 16 users:
   meaningless), LoRA on both towers (``adapt_image_tower``), one generated image per item. CLIP's BPE
   vocabulary is not on disk offline, so its titles are tokenized by MiniLM's WordPiece (alike token counts)
   and pooled at [SEP], as CLIP pools at its EOS token.
-Titles are amazon-scientific's own where the dataset is on disk (``shared/datasets/amazon-scientific`` or
-``dataset/amazon-scientific``), else generated with product-title lengths. ``--tiny``: a 2-layer BERT and a
-tiny CLIP with random weights and a small catalogue, the whole run in well under a minute on a CPU (a test
-runs it; its timings mean nothing). Every figure and ratio comes from this run; run it alone on an idle
-machine for figures worth quoting. Peak memory: the CUDA allocator's peak per column, else the process's
-peak RSS so far."""
+``--adapt_layers``: for ``pair``, the same step with the adapter on the top k text layers only (``adapt_layers: k``,
+not the paper's setting; the token states below them cached once), against all layers; ``clip`` adapts its vision
+tower too, which adapt_layers refuses. Titles are amazon-scientific's own where the dataset is on disk
+(``shared/datasets/amazon-scientific`` or ``dataset/amazon-scientific``), else generated with product-title
+lengths. ``--tiny``: a 2-layer BERT and a tiny CLIP with random weights and a small catalogue, the whole run in
+well under a minute on a CPU (a test runs it; its timings mean nothing). Every figure and ratio comes from this
+run; run it alone on an idle machine for figures worth quoting. Peak memory: the CUDA allocator's peak per column,
+else the process's peak RSS so far."""
 
 from __future__ import annotations
 
 import argparse
-import html
 import os
 import resource
 import statistics
@@ -36,105 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-TITLE_SOURCES = [ROOT.parent / "shared/datasets/amazon-scientific/items.tsv",
-                 ROOT / "dataset/amazon-scientific/amazon-scientific.item"]  # fmt: skip
-DATASET = "lora_bench"
+from lora_speed_data import DATASET, register_bench_clip, tiny_bert, write_dataset  # noqa: E402 (after the env)
+
 WIDTH = 40  # label column
-
-
-def amazon_titles(n: int, rng) -> tuple[list[str], str]:
-    for path in TITLE_SOURCES:
-        if path.is_file():
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            titles = [html.unescape(t) for t in (line.split("\t", 1)[-1] for line in lines[1:]) if t.strip()]
-            if len(titles) >= n:
-                return [titles[i] for i in rng.choice(len(titles), n, replace=False)], str(path)
-    words = "digital meter gauge sensor cable steel kit pack tester lab stainless 12v usb set pro".split()
-    lengths = rng.lognormal(2.3, 0.5, n).clip(2, 40).astype(int)  # product titles: ~10 words, long tail
-    return [" ".join(rng.choice(words, k)) + f" {i}" for i, k in enumerate(lengths)], "generated"
-
-
-def write_dataset(folder: Path, args, rng) -> str:
-    """RecBole atomic files: ``users`` users with ``seq_len`` distinct items each, dealt from shuffled copies
-    of the catalogue so that every item is bought when users x seq_len >= items (RecBole drops items nobody
-    bought); a title and a 64x64 JPEG per item (CLIP's store resizes it)."""
-    from PIL import Image
-
-    data = folder / DATASET
-    (data / "images").mkdir(parents=True, exist_ok=True)
-    titles, source = amazon_titles(args.items, rng)
-    lines, stream = ["user_id:token\titem_id:token\ttimestamp:float"], []
-    for u in range(args.users):
-        bought: list[int] = []
-        while len(bought) < args.seq_len:
-            if not stream:
-                stream = list(rng.permutation(args.items))
-            item = stream.pop()
-            if item not in bought:
-                bought.append(item)
-        lines += [f"u{u}\ti{i}\t{u * 1000 + t}" for t, i in enumerate(bought)]
-    (data / f"{DATASET}.inter").write_text("\n".join(lines) + "\n")
-    clean = [" ".join(t.replace("\t", " ").split()) for t in titles]
-    (data / f"{DATASET}.item").write_text("item_id:token\ttitle:token_seq\n" + "".join(
-        f"i{i}\t{t}\n" for i, t in enumerate(clean)))  # fmt: skip
-    for i in range(args.items):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype="uint8")).save(data / "images" / f"i{i}.jpg")
-    return source
-
-
-def register_bench_clip():
-    """``foundation_model: bench_clip``: CLIP from ``CLIPConfig`` with random weights, MiniLM's tokenizer.
-    ``clip_path`` names the size (``bench:vit-b32`` or ``bench:tiny``) and keys the caches."""
-    import torch
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
-
-    from recbole_perpeft.encoders import register_foundation
-    from recbole_perpeft.encoders.base import FoundationModel
-    from recbole_perpeft.encoders.clip import OPENAI_MEAN, OPENAI_STD, ClipFoundation
-    from recbole_perpeft.encoders.text_image import default_text_encoder_path
-
-    @register_foundation("bench_clip")
-    class BenchClip(ClipFoundation):
-        def __init__(self, config):
-            FoundationModel.__init__(self)
-            self.tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path())
-            ids = {
-                "bos_token_id": self.tokenizer.cls_token_id,
-                "eos_token_id": self.tokenizer.sep_token_id,
-                "pad_token_id": self.tokenizer.pad_token_id,
-                "vocab_size": max(49408, len(self.tokenizer)),
-            }
-            text, vision, dim = dict(ids), {}, 512  # CLIPConfig's defaults are ViT-B/32's
-            if config["clip_path"] == "bench:tiny":
-                size = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-                text.update(size, vocab_size=len(self.tokenizer))
-                vision.update(size, image_size=32, patch_size=8)
-                dim = 16
-            torch.manual_seed(0)
-            self.clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)).eval()
-            self.clip.requires_grad_(False)
-            self.text_max_length = min(config["text_max_length"] or 77, 77)
-            self.image_size, self.image_mean, self.image_std = vision.get("image_size", 224), OPENAI_MEAN, OPENAI_STD
-            self.out_dims = {"text": dim, "image": dim}
-            self.cache_ids = {"text": f"clip:{config['clip_path']}:text:{self.text_max_length}",
-                              "image": f"clip:{config['clip_path']}:image:{self.image_size}"}  # fmt: skip
-
-
-def tiny_bert(folder: Path) -> str:
-    """A 2-layer BERT with random weights and MiniLM's tokenizer, saved where AutoModel finds it."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from recbole_perpeft.encoders.text_image import default_text_encoder_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64)).save_pretrained(folder)  # fmt: skip
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def setup_keys(setup: str, args, work: Path) -> tuple[dict, str]:
     if setup == "pair":
         path = tiny_bert(work / "tiny-bert") if args.tiny else None
@@ -191,6 +97,40 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def training_step(model, batch):
+    """One optimiser step on ``batch``, as a function (AdamW over the trainable parameters)."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_top_layers(keys: dict, device, args, precisions) -> list[dict]:
+    """Per ``--adapt_layers`` k: the token-state cache's build seconds and size, and the step (length buckets)
+    per precision, with the adapter on the top k text layers only."""
+    from recbole_perpeft.model.precision import Precision
+
+    rows = []
+    for k in args.adapt_layers:
+        _, train_data, model = build("GlobalPEFT", {**keys, "adapt_layers": k})
+        states = model.item_tower.family.token_states
+        row = {"k": k, "cache_s": states.build_seconds, "cache_mib": states.array.nbytes / 2**20}
+        step = training_step(model, next(iter(train_data)).to(device))
+        model.train()
+        for name in precisions:
+            model.item_tower.precision = Precision(name)
+            row[name] = timed(step, device, args.steps)
+        rows.append(row)
+        del model
+    return rows
+
+
 def measure(model, batch, device, args) -> dict:
     """Per precision: step (trimmed / buckets), encoder fwd+bwd, item table, encoder inference, memory."""
     import torch
@@ -200,12 +140,7 @@ def measure(model, batch, device, args) -> dict:
 
     tower = model.item_tower
     items = torch.unique(model.backbone.batch_items(batch))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model.calculate_loss(batch).backward()
-        optimizer.step()
+    step = training_step(model, batch)
 
     def encoder_fwd_bwd():  # the same items through the same per-batch path, nothing else
         model.zero_grad(set_to_none=True)
@@ -294,6 +229,21 @@ def fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def print_top_layers(top, results, n_layers) -> None:
+    """Rows of the top-k variant: step time per precision (and bf16/fp32), its ratio to all layers, the cache."""
+    precisions = list(results)
+    for row in top:
+        k = row["k"]
+        cells = "".join(f"{row[p]:>12.3f}" for p in precisions)
+        if len(precisions) == 2:
+            cells += f"{row[precisions[1]] / row[precisions[0]]:>12.2f}"
+        print(f"{f'step s, adapt_layers={k} of {n_layers}':<{WIDTH}}{cells}")
+        ratios = "".join(f"{row[p] / results[p]['step_buckets']:>12.2f}" for p in precisions)
+        print(f"{f'step adapt_layers={k} / all layers':<{WIDTH}}{ratios}")
+        built = "loaded from cache" if row["cache_s"] is None else f"built in {row['cache_s']:.1f} s"
+        print(f"{f'token-state cache, adapt_layers={k}':<{WIDTH}}{row['cache_mib']:>12.1f}   MiB fp16, {built}")
+
+
 def print_table(setup, title, tokens, results, epochs, args, device, n_items):
     precisions = list(results)
     print(f"\n== {setup}: {title}; device {device.type}; {args.batch} users/step, {tokens['items']} distinct "
@@ -344,6 +294,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="timed repeats per figure, after a warm-up (default 3; tiny 1)")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--groups", type=int, help="PerPEFT groups (default 8; tiny 2)")
+    parser.add_argument("--adapt_layers", default="1,2", help="top-k variants of the pair setup ('' for none)")
     parser.add_argument("--no_epochs", action="store_true", help="skip the PerPEFT / GlobalPEFT epochs")
     parser.add_argument("--workdir", help="where the generated data and caches go (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -352,6 +303,10 @@ def parse_args(argv=None):
             setattr(args, key, tiny if args.tiny else full)
     args.setups = [s for s in args.setups.split(",") if s]
     args.precisions = [p for p in args.precisions.split(",") if p]
+    try:
+        args.adapt_layers = [int(k) for k in args.adapt_layers.split(",") if k]
+    except ValueError:
+        parser.error("--adapt_layers takes a comma-separated list of layer counts, e.g. 1,2")
     if not 3 <= args.seq_len <= args.items:
         parser.error("--seq_len must be at least 3 (leave-one-out keeps a training item) and at most --items")
     if set(args.setups) - {"pair", "clip"} or set(args.precisions) - {"fp32", "bf16", "fp16"}:
@@ -397,8 +352,13 @@ def main(argv=None):
         tokens = token_counts(model, batch)
         results = measure(model, batch, device, args)
         epochs = None if args.no_epochs else epoch_seconds(keys, config, model, train_data, device, args.groups)
-        print_table(setup, title, tokens, results, epochs, args, device, model.n_items - 1)
+        n_items, n_layers = model.n_items - 1, len(model.item_tower.foundation.text_layer_stack()[0])
         del model
+        top = measure_top_layers(keys, device, args, list(results)) if setup == "pair" else []
+        print_table(setup, title, tokens, results, epochs, args, device, n_items)
+        print_top_layers(top, results, n_layers)
+        if setup != "pair" and args.adapt_layers:
+            print("adapt_layers: not measured here (this setup also adapts its vision tower: adapt_layers refuses it)")
     return 0
 
 

@@ -5,11 +5,19 @@ of its config class, over the defaults in ``properties/adapter/<TYPE>.yaml`` (``
 ``peft_targets``: target modules per encoder architecture, from the paper). A method without a YAML
 gets peft's own per-architecture defaults, so a new peft method needs no code. Adapted modalities
 (text, and image with ``adapt_image_tower``) are encoded per batch; the others come from the frozen
-cache (``frozen.py``). PerPEFT's groups are peft named adapters (``group_<g>``) beside ``default``."""
+cache (``frozen.py``). PerPEFT's groups are peft named adapters (``group_<g>``) beside ``default``.
+
+``adapt_layers: k`` (not the paper's setting, which adapts every layer): the adapter goes on the top k layers
+of the text encoder only (peft's ``layers_to_transform`` / ``layers_pattern``; a method without them, such as
+(IA)3, gets its ``target_modules`` as a full-match pattern restricted to those layers, peft's own matching),
+and every title's token states entering the first of them are computed once by the frozen lower layers and
+memory-mapped from an fp16 cache (``encoders/hidden_states.py``): a step runs forward and backward through
+the top k layers and the pooling only."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from logging import getLogger
 
 import torch
@@ -25,6 +33,7 @@ from recbole_perpeft.adapters.registry import (
     option,
     register_adapter_family,
 )
+from recbole_perpeft.encoders.hidden_states import load_token_states
 
 ALPHA_KEYS = ("lora_alpha", "alpha")  # the scale numerator next to r (LoRA & co.; LoHa/LoKr)
 
@@ -52,6 +61,32 @@ def build_peft_config(peft_type: str, model_type: str | None, overrides: dict | 
         raise ValueError(f"peft_config does not fit peft's {key} config: {err}") from err
 
 
+def top_layers_kwargs(peft_type: str, kwargs: dict, targets: dict, module, layers: list[int], pattern: str) -> dict:
+    """``kwargs`` for peft's ``peft_type`` config restricted to the transformer layers ``layers`` (indices in
+    the list named ``pattern`` in ``module``'s paths): peft's ``layers_to_transform`` / ``layers_pattern``
+    where the method has them, else ``target_modules`` as a full-match pattern over those layers' targets."""
+    family = get_adapter_family(peft_type)
+    fields = {f.name for f in dataclasses.fields(family.config_class(str(peft_type).upper()))}
+    given = [key for key in ("layers_to_transform", "layers_pattern") if kwargs.get(key) is not None]
+    if given:
+        raise ValueError(f"adapt_layers picks the adapted layers itself: remove {given} from peft_config, or set "
+                         "adapt_layers: ~ to choose layers with peft_config alone.")  # fmt: skip
+    if "layers_to_transform" in fields:
+        return {**kwargs, "layers_to_transform": list(layers), "layers_pattern": pattern}
+    names = getattr(build_peft_config(peft_type, encoder_type(module), kwargs, targets), "target_modules", None)
+    if "target_modules" not in fields or names is None or isinstance(names, str):
+        raise ValueError(
+            f"adapt_layers: peft's {peft_type} config has no layers_to_transform, and its target_modules "
+            f"({names!r}) is not a list of module names to restrict to the top layers. Use a method with "
+            "layers_to_transform (LORA, LOHA, LOKR, ...), give peft_config: {target_modules: [...]}, or set "
+            "adapt_layers: ~."
+        )
+    indices = "|".join(map(str, layers))
+    modules = "|".join(re.escape(name) for name in sorted(names))
+    # peft full-matches a str target against each module path; a listed name matches a path ending in ".<name>".
+    return {**kwargs, "target_modules": rf"(?:.*\.)?{re.escape(pattern)}\.(?:{indices})\.(?:.*\.)?(?:{modules})"}
+
+
 def attach_peft(module, peft_type: str, overrides: dict | None = None, adapter_name: str = GLOBAL_ADAPTER,
                 targets: dict | None = None):  # fmt: skip
     """Inject a peft method into ``module`` in place; return the ``PeftModel`` handle (used to add
@@ -71,6 +106,7 @@ class PeftFamily(FrozenFamily):
     """Any peft method, attached to the encoders of the adapted modalities."""
 
     name = None  # one class for many names: the run's peft_type (see __init__)
+    top_layers_supported = True  # adapt_layers: k works (the item tower refuses it for other families)
 
     @staticmethod
     def config_class(peft_type: str) -> type:
@@ -98,13 +134,88 @@ class PeftFamily(FrozenFamily):
         self.adapted = [m for m in tower.modalities if m == "text" or config["adapt_image_tower"]]
         kwargs, targets = self.peft_kwargs(config, self.name)
         kwargs = self.complete_kwargs(kwargs, tower)
+        backbones = tower.foundation.peft_backbones(self.adapted)
+        self.top_layer = self.first_adapted_layer(config, tower.foundation)  # None: every layer (the paper's)
+        self.token_states = None
+        if self.top_layer is not None:
+            stack, pattern = tower.foundation.text_layer_stack()
+            kwargs = top_layers_kwargs(self.name, kwargs, targets, backbones["text"], range(self.top_layer, len(stack)),
+                                       pattern)  # fmt: skip
         # Handles to the peft wrappers (add/switch named adapters), not modules of the tower: the
         # adapted layers already live inside the foundation.
-        self.peft_models = [
-            attach_peft(module, self.name, kwargs, targets=targets)
-            for module in tower.foundation.peft_backbones(self.adapted).values()
-        ]
+        self.peft_models = [attach_peft(module, self.name, kwargs, targets=targets) for module in backbones.values()]
         super().__init__(config, tower, store)  # after attaching: frozen features of the other modalities
+        if self.top_layer is not None:
+            tokens = {"input_ids": tower.input_ids, "attention_mask": tower.attention_mask}
+            self.token_states = load_token_states(store, self.foundation, self.top_layer, tokens, tower.has("text"),
+                                                  tower.encode_batch_size, tower.show_progress)  # fmt: skip
+            self.check_top_layers()
+
+    def first_adapted_layer(self, config, foundation) -> int | None:
+        """``adapt_layers`` (None: every layer) as the index of the first adapted text layer, validated."""
+        k = option(config, "adapt_layers", None)
+        if k is None:
+            return None
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"adapt_layers must be ~ (every layer, the paper's setting) or a positive int k (the "
+                             f"top k text layers), got {k!r}.")  # fmt: skip
+        if any(m != "text" for m in self.adapted):
+            raise ValueError(
+                f"adapt_layers: {k} adapts only the top layers of the text encoder, but adapt_image_tower: True also "
+                f"adapts the {type(foundation).__name__} image tower, which has no top-layer cache (its states "
+                "would be a cache per image patch). Set adapt_image_tower: False (image features frozen and cached) "
+                "or adapt_layers: ~."
+            )
+        if "text" not in self.adapted:
+            getLogger().warning(f"adapt_layers: {k} has nothing to act on: no text encoder is adapted in this run.")
+            return None
+        n_layers = len(foundation.text_layer_stack()[0])
+        if k > n_layers:
+            raise ValueError(f"adapt_layers: {k}, but the text encoder has {n_layers} layers: use 1..{n_layers}, or ~ "
+                             "for every layer.")  # fmt: skip
+        getLogger().info(
+            f"adapt_layers: {k} of {n_layers} text layers carry the {self.name} adapter (layers {n_layers - k}.."
+            f"{n_layers - 1}); the token states entering layer {n_layers - k} are cached. Not the paper's setting, "
+            "which adapts every layer."
+        )
+        return n_layers - k
+
+    def foundation_vectors(self, modality: str, items: torch.Tensor) -> torch.Tensor:
+        if modality == "text" and self.token_states is not None:
+            return self.top_layer_vectors(items)
+        return super().foundation_vectors(modality, items)
+
+    def top_layer_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """``adapt_layers``: the cached token states of ``items`` (trimmed to their longest title) through the
+        adapted top layers and the pooling; the frozen lower layers do not run."""
+        inputs = self.tower.item_inputs("text", items)
+        hidden = self.token_states.gather_tokens(items, inputs["input_ids"].shape[1])
+        return self.foundation.encode_text_from(self.top_layer, hidden, inputs["input_ids"].long(),
+                                                inputs["attention_mask"].long())  # fmt: skip
+
+    @torch.no_grad()
+    def check_top_layers(self, n_items: int = 8, tolerance: float = 1e-2) -> None:
+        """A few titles through the cache and the top layers against the full encoder (same adapter): a
+        mismatch beyond the fp16 rounding of the cached states means a stale cache or an encoder whose
+        layers do not run alone as assumed; an error then, not silently different vectors."""
+        items = torch.nonzero(self.tower.has("text")).flatten()[:n_items].to(self.tower.input_ids.device)
+        if not len(items):
+            return
+        training = self.foundation.training
+        self.foundation.train(False)  # adapter dropout off: both paths compute the same function
+        try:
+            cached = self.foundation_vectors("text", items)  # (MoDA sets its condition here)
+            full = FrozenFamily.foundation_vectors(self, "text", items)
+        finally:
+            self.foundation.train(training)
+        error = float((cached - full).norm() / full.norm().clamp_min(1e-12))
+        if not error <= tolerance:
+            raise RuntimeError(
+                f"adapt_layers: item vectors through the cached token states differ from the full encoder's by "
+                f"{error:.2e} (relative; fp16 caching accounts for about 1e-3): cache {self.token_states.path}. "
+                "Delete that file to rebuild it; if the error remains, this encoder cannot run its top layers "
+                "alone: set adapt_layers: ~."
+            )
 
     def complete_kwargs(self, kwargs: dict, tower) -> dict:
         """Keywords a family derives from the tower (MoDA: its number of conditions)."""

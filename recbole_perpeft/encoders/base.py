@@ -102,6 +102,25 @@ class FoundationModel(nn.Module):
             )
         return layers
 
+    # --- the top text layers alone (adapt_layers) --------------------------------------------------------
+
+    def text_layer_stack(self) -> tuple[nn.ModuleList, str]:
+        """The text encoder's transformer layers in order, and the name of their list in module paths
+        (peft's ``layers_pattern``): what ``adapt_layers: k`` puts the adapter on the top k of."""
+        raise ValueError(
+            f"adapt_layers: {type(self).__name__} cannot run its top text layers alone; set adapt_layers: ~."
+        )
+
+    def text_states_entering(self, input_ids, attention_mask, layer: int) -> torch.Tensor:
+        """[N, T, width]: the token states entering text layer ``layer`` (0: the embeddings' output), as the
+        full forward computes them."""
+        raise NotImplementedError
+
+    def encode_text_from(self, layer: int, hidden, input_ids, attention_mask) -> torch.Tensor:
+        """``encode_text`` resumed at text layer ``layer``: ``hidden`` (the token states entering it) through
+        that layer and the ones above, then ``encode_text``'s pooling (and projection)."""
+        raise NotImplementedError
+
     def peft_backbones(self, modalities) -> dict[str, nn.Module]:
         """The sub-modules a peft method is attached to, to adapt ``modalities``."""
         raise NotImplementedError

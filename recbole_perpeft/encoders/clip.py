@@ -7,6 +7,7 @@ import os
 
 import torch
 from transformers import CLIPModel, CLIPTokenizer
+from transformers.masking_utils import create_causal_mask
 
 from recbole_perpeft.encoders.base import FoundationModel
 
@@ -99,6 +100,27 @@ class ClipFoundation(FoundationModel):
         """The CLS token of each hidden state (post_layernorm(last summary) is the pooler_output)."""
         out = self.clip.vision_model(pixel_values=pixel_values, output_hidden_states=True)
         return [out.hidden_states[i][:, 0] for i in layers]
+
+    # --- the top text layers alone (adapt_layers; the vision tower is refused by the peft family) --------
+
+    def text_layer_stack(self):
+        return self.clip.text_model.encoder.layers, "layers"
+
+    def text_states_entering(self, input_ids, attention_mask, layer):
+        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[layer]
+
+    def encode_text_from(self, layer, hidden, input_ids, attention_mask):
+        """CLIPTextTransformer's forward from encoder layer ``layer`` on (its causal + padding mask, the
+        layers, final_layer_norm, the EOS token), then the text projection: ``encode_text``'s vector."""
+        text_model = self.clip.text_model
+        mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None)  # fmt: skip
+        for block in text_model.encoder.layers[layer:]:
+            hidden = block(hidden, mask, is_causal=True)
+        hidden = text_model.final_layer_norm(hidden)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.clip.text_projection(hidden[rows, self.eos_positions(input_ids).to(hidden.device)])
 
     def peft_backbones(self, modalities):
         # Adapt only the towers that are encoded per batch: a LoRA on a tower whose features are

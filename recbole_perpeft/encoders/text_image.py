@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModel, AutoTokenizer
+from transformers.masking_utils import create_bidirectional_mask
 
 from recbole_perpeft.encoders.base import FoundationModel
 
 # EfficientNet-Lite was trained on inputs scaled to about [-1, 1].
 LITE_MEAN = (0.498, 0.498, 0.498)
 LITE_STD = (0.502, 0.502, 0.502)
+# Text encoders whose layers adapt_layers can run alone: transformers' BERT layout (embeddings, then
+# encoder.layer[i](hidden, bidirectional mask)), checked against their full forward (tests/test_adapt_layers.py).
+BERT_LIKE = ("bert", "roberta")
 
 
 def default_text_encoder_path() -> str:
@@ -134,6 +138,30 @@ class TextImageFoundation(FoundationModel):
             x = model._swish(model._bn1(model._conv_head(x)))
             pooled[head] = x.mean(dim=(2, 3))
         return [pooled[i] for i in layers]
+
+    # --- the top text layers alone (adapt_layers) --------------------------------------------------------
+
+    def text_layer_stack(self):
+        model_type = self.text_model.config.model_type
+        if model_type not in BERT_LIKE:
+            raise ValueError(
+                f"adapt_layers: the text encoder ({self.cache_ids['text'].split(':')[1]}) is a {model_type}; running "
+                f"only its top layers is implemented for {', '.join(BERT_LIKE)} encoders. Set adapt_layers: ~."
+            )
+        return self.text_model.encoder.layer, "layer"
+
+    def text_states_entering(self, input_ids, attention_mask, layer):
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[layer]
+
+    def encode_text_from(self, layer, hidden, input_ids, attention_mask):
+        """BertModel.forward from its encoder's layer ``layer`` on: the same mask helper, the same layers."""
+        layers, _ = self.text_layer_stack()
+        config = self.text_model.config
+        mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for block in layers[layer:]:
+            hidden = block(hidden, mask)
+        return self._pool_text(hidden, attention_mask)
 
     def peft_backbones(self, modalities):
         backbones = {}

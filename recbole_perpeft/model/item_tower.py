@@ -38,7 +38,14 @@ class ItemTower(nn.Module):
         self._pixels = None
         self._register_inputs(store)
         self.side = None  # a family with a module beside the foundation registers it here
-        self.family = get_adapter_family(config["peft_type"] if adapt else FROZEN)(config, self, store)
+        family = get_adapter_family(config["peft_type"] if adapt else FROZEN)
+        if adapt and option(config, "adapt_layers") is not None and not getattr(family, "top_layers_supported", False):
+            raise ValueError(
+                f"adapt_layers: {config['adapt_layers']} puts a peft method (LORA, IA3, ...) on the top text layers "
+                f"only; peft_type {config['peft_type']} does not adapt inside the encoder (side networks choose "
+                "their layers with side_layers). Set adapt_layers: ~."
+            )
+        self.family = family(config, self, store)
         self._register_family_modules()
         dims = self.family.placeholder_dims
         self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m, d in dims.items()})
