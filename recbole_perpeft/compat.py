@@ -17,13 +17,33 @@ Patches (no pin can fix them):
 * ``recbole.quick_start`` imports ``ray.tune``, and the ray that RecBole 1.2.1 admits needs
   ``pkg_resources`` (gone from recent setuptools). We never import ``recbole.quick_start``; our
   :mod:`recbole_perpeft.quick_start` uses the lower-level API instead.
+
+RecBole 1.2.1's multi-process training (what :mod:`recbole_perpeft.distributed` replaces it with):
+
+* ``Config._init_device`` always asks for NCCL and a CUDA device: :func:`init_distributed_device`
+  uses gloo on a CPU, and refuses too few GPUs with a message instead of an ``assert``.
+* ``AbstractTrainer.__init__`` wraps the model in ``DistributedDataParallel(device_ids=[local_rank])``
+  (CUDA only), and ``_train_epoch`` adds ``sum(p) * 0`` over every parameter each step so that
+  every one gets a gradient: with a frozen foundation model inside, a pass over all of it.
+  :class:`AbstractTrainerWithoutDDP` keeps the model unwrapped; our trainer reduces the gradients
+  of the trainable parameters itself.
+* ``Trainer._map_reduce`` weights each rank's (already rounded) metrics by ``len(batched_data)``,
+  which is 4 for every batch (a tuple), and the evaluation loaders' ``DistributedSampler`` pads
+  the users to a multiple of the world size by repeating some: both make the result differ from
+  one process. :func:`merge_eval_structs` gathers the ranks' per-user rows and evaluates once.
+* ``Trainer._save_checkpoint`` lets every process with ``local_rank`` 0 write, i.e. one per machine:
+  :class:`SafeCheckpointMixin` writes on global rank 0 only.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
+from recbole.trainer import AbstractTrainer
 
 from recbole_perpeft.data.cache_files import atomic_output
 
@@ -69,7 +89,7 @@ class SafeCheckpointMixin:
         }
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        if not self.config["single_spec"] and dist.get_rank() != 0:  # one writer per run, not per machine
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         # Written aside and renamed: a run killed while saving leaves the previous file whole.
@@ -80,7 +100,67 @@ class SafeCheckpointMixin:
 
 
 def with_safe_checkpoints(trainer_class: type) -> type:
-    """Return ``trainer_class`` with :class:`SafeCheckpointMixin` in front (idempotent)."""
+    """Return ``trainer_class`` with :class:`SafeCheckpointMixin` in front (idempotent), and without
+    RecBole's DDP wrapper (:class:`AbstractTrainerWithoutDDP`; ``ResumableTrainerMixin``, which every
+    trainer of ours has, brings the multi-process training that replaces it)."""
     if issubclass(trainer_class, SafeCheckpointMixin):
         return trainer_class
-    return type(trainer_class.__name__, (SafeCheckpointMixin, trainer_class), {})
+    return type(trainer_class.__name__, (SafeCheckpointMixin, trainer_class, AbstractTrainerWithoutDDP), {})
+
+
+# --- multi-process training ------------------------------------------------------------------------------
+
+
+class AbstractTrainerWithoutDDP(AbstractTrainer):
+    """Listed after RecBole's trainer among a trainer's bases, this comes right after ``Trainer`` in the
+    MRO, so ``Trainer.__init__``'s ``super().__init__`` lands here instead of in ``AbstractTrainer``'s,
+    which would wrap the model in ``DistributedDataParallel(device_ids=[local_rank])``: CUDA only, and
+    built on a synchronising loss over every parameter. Gradients are reduced by
+    :class:`~recbole_perpeft.distributed.DistributedTrainerMixin` instead."""
+
+    def __init__(self, config, model):
+        self.config = config
+        self.model = model
+
+
+def init_distributed_device(cfg: dict) -> None:
+    """RecBole's ``Config._init_device`` for one process of a distributed run (``local_rank`` set):
+    NCCL on CUDA device ``local_rank`` where ``gpu_id`` names GPUs and CUDA is there, gloo on the CPU
+    otherwise. Joins the process group (``rank = local_rank + offset``) once per process."""
+    gpu_id = cfg["gpu_id"]
+    gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, (tuple, list)) else str(gpu_id)
+    cfg["gpu_id"] = gpu_id
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+    local_rank, nproc = int(cfg["local_rank"]), int(cfg["nproc"] or 1)
+    if cfg.get("use_gpu", True) and gpu_id.strip() and torch.cuda.is_available():
+        gpus = [g for g in gpu_id.split(",") if g.strip()]
+        if len(gpus) < nproc:
+            raise ValueError(f"nproc={nproc} processes on GPUs need as many GPUs in gpu_id, got gpu_id='{gpu_id}': "
+                             f"pass e.g. --gpu_id={','.join(map(str, range(nproc)))} (or --use_gpu=False for the CPU).")
+        backend, device = "nccl", torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method=f"tcp://{cfg['ip']}:{cfg['port']}",
+                                rank=local_rank + int(cfg["offset"] or 0), world_size=int(cfg["world_size"]))
+    cfg.update(device=device, single_spec=False)
+    if local_rank != 0:  # as RecBole: one process per machine logs
+        cfg.update(state="error", show_progress=False, verbose=False)
+
+
+ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")  # the Collector's per-batch keys
+
+
+def merge_eval_structs(struct):
+    """Every rank's evaluation rows (``ROW_KEYS`` of RecBole's DataStruct), concatenated in rank order,
+    put into ``struct`` (a collective call). With contiguous shares of the evaluation batches this is the
+    single process's struct, so the evaluator computes the single process's metrics."""
+    mine = {key: struct[key].cpu() for key in ROW_KEYS if key in struct}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    for key in ROW_KEYS:
+        parts = [rows[key] for rows in every if key in rows]
+        if parts:
+            struct.set(key, torch.cat(parts))
+    return struct

@@ -18,7 +18,7 @@ import recbole
 import yaml
 from recbole.config import Config as RecBoleConfig
 
-from recbole_perpeft.compat import check_environment
+from recbole_perpeft.compat import check_environment, init_distributed_device
 from recbole_perpeft.model.precision import PRECISIONS
 from recbole_perpeft.property_files import PROPERTIES_DIR
 from recbole_perpeft.utils import get_model
@@ -144,6 +144,14 @@ class Config(RecBoleConfig):
         if self.internal_config_dict.get("loss_type") == "CE":
             # RecBole's CE models (SASRec, BERT4Rec, GRU4Rec, ...) score all items: no sampled negatives.
             self.internal_config_dict["train_neg_sample_args"] = None
+
+    def _init_device(self):
+        # One process of a multi-process run (recbole_perpeft/launch.py sets local_rank): RecBole's own
+        # asks for NCCL and CUDA whatever the machine has; ours uses gloo on a CPU.
+        if "local_rank" in self.final_config_dict:
+            init_distributed_device(self.final_config_dict)
+        else:
+            super()._init_device()
 
     def _set_default_parameters(self):
         # The atomic files are not looked for here: a known dataset is prepared (downloaded) on first use by

@@ -1,5 +1,6 @@
 """Train and evaluate one model on one dataset with RecBole's lower-level API
-(``recbole.quick_start`` cannot be imported on today's stack: see compat.py)."""
+(``recbole.quick_start`` cannot be imported on today's stack: see compat.py), in one process or, with
+``nproc`` / ``world_size``, in several (launch.py, distributed.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_perpeft.config import Config
 from recbole_perpeft.data import create_dataset, data_preparation
 from recbole_perpeft.data.cache_files import atomic_output
+from recbole_perpeft.distributed import rank, rank0_first, single_process_view
+from recbole_perpeft.launch import launch, launch_settings
 from recbole_perpeft.trainer import checkpoint_path
 from recbole_perpeft.utils import get_model, get_trainer, trainable_parameters_by_component
 
@@ -36,23 +39,35 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, result_file=None,
-        resume=None) -> dict:
+        resume=None) -> dict | None:
+    """One run; in ``nproc`` spawned processes when the config asks for more than one (the result is rank
+    0's, None on a machine without rank 0)."""
+    if "local_rank" not in (config_dict or {}):
+        settings = launch_settings(config_file_list, config_dict)
+        if settings.spawns:
+            kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
+                          saved=saved, result_file=result_file, resume=resume)  # fmt: skip
+            return launch(run, settings, kwargs)
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    with rank0_first():  # (RecBole's init_logger creates its folder unguarded against a concurrent process)
+        init_logger(config)
     logger = getLogger()
     logger.info(config)
 
-    dataset = create_dataset(config)
+    with rank0_first():
+        dataset = create_dataset(config)
     model_class = get_model(config["model"])
-    train_data, valid_data, test_data = data_preparation(config, dataset, model_class)
+    # Every process builds the single process's loaders (the same batches everywhere); the trainer gives
+    # each process its share of every batch (distributed.py).
+    train_data, valid_data, test_data = data_preparation(single_process_view(config), dataset, model_class)
 
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    init_seed(config["seed"] + rank(), config["reproducibility"])  # (rank 0's initial weights are broadcast)
     outcome = train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume)
     logger.info(set_color("best valid ", "yellow") + f": {outcome['best_valid_result']}")
     logger.info(set_color("test result", "yellow") + f": {outcome['test_result']}")
     result = {"model": config["model"], "dataset": config["dataset"], "config": config.final_config_dict, **outcome}
-    if result_file:
+    if result_file and rank() == 0:
         write_json(result_file, result)
         logger.info(f"Result written to {result_file}")
     return json_safe(result)
@@ -62,7 +77,8 @@ def train_and_evaluate(config, model_class, train_data, valid_data, test_data, s
     """RecBole's fit (best validation checkpoint) and test, with the model's trainer from the registry
     (two-stage models get TwoStageTrainer, whose ``extra_result`` adds the groups and stage timings)."""
     logger = getLogger()
-    model = model_class(config, train_data._dataset).to(config["device"])
+    with rank0_first():  # the item tower may build feature caches
+        model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
     parameters = trainable_parameters_by_component(model)
     logger.info(set_color("trainable parameters", "blue") + f": {parameters}")

@@ -13,6 +13,11 @@ epoch and at the end of training, so a kill loses at most one epoch) also holds:
   stopped early, and the seconds of every epoch so far (the resumed result JSON stays complete).
 
 Everything is a tensor or a plain Python value: the files load with ``torch.load(weights_only=True)``.
+
+In a run of several processes (recbole_perpeft/distributed.py) rank 0 writes the checkpoints, with every
+rank's random states (``rank_rng_states``: their dropout differs), and reads them for every rank: only its
+machine needs the files. The loader state is the global batch stream's, the same on every rank, so a
+checkpoint resumes on any number of processes (bit for bit on the same number).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from time import time
 
 import numpy as np
 import torch
+
+from recbole_perpeft.distributed import DistributedTrainerMixin, gather_objects, on_rank0, rank, world_size
 
 LAST_SUFFIX = "-last"
 
@@ -49,7 +56,12 @@ def best_checkpoint_path(path: str) -> str:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """``torch.load(weights_only=True)``, with one clear line for a file that is not a whole checkpoint."""
+    """``torch.load(weights_only=True)``, with one clear line for a file that is not a whole checkpoint.
+    In several processes a collective call: rank 0 reads, every rank gets it (tensors on the CPU)."""
+    return on_rank0(_read_checkpoint, path, "cpu" if world_size() > 1 else map_location)
+
+
+def _read_checkpoint(path: str, map_location) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
@@ -66,7 +78,12 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def resume_source(path: str) -> str:
-    """The file to resume from: the later of the best checkpoint and its ``-last`` companion."""
+    """The file to resume from: the later of the best checkpoint and its ``-last`` companion (rank 0's
+    files, in several processes)."""
+    return on_rank0(_latest_file, path)
+
+
+def _latest_file(path: str) -> str:
     best = best_checkpoint_path(path)
     last = last_checkpoint_path(best)
     if not os.path.isfile(last):
@@ -74,7 +91,7 @@ def resume_source(path: str) -> str:
     if not os.path.isfile(best):
         return last
     # -last is rewritten at the start of every epoch and at the end; the best file only on improvement.
-    return last if load_checkpoint(last)["epoch"] >= load_checkpoint(best)["epoch"] else best
+    return last if _read_checkpoint(last, "cpu")["epoch"] >= _read_checkpoint(best, "cpu")["epoch"] else best
 
 
 # --- random states -------------------------------------------------------------------------------------
@@ -119,10 +136,11 @@ def set_loader_state(loader, state: dict) -> None:
 # --- the trainer side ------------------------------------------------------------------------------------
 
 
-class ResumableTrainerMixin:
+class ResumableTrainerMixin(DistributedTrainerMixin):
     """Mixed into a RecBole trainer (before :class:`~recbole_perpeft.compat.SafeCheckpointMixin`):
     checkpoints that hold the whole training state, a ``-last`` checkpoint every epoch, a resume that
-    restores all of it, and Ctrl-C turned into :class:`TrainingInterrupted` naming the file to resume."""
+    restores all of it, and Ctrl-C turned into :class:`TrainingInterrupted` naming the file to resume.
+    Every trainer of ours has it, so it brings the multi-process training along (distributed.py)."""
 
     def __init__(self, config, model):
         self.epoch_seconds: list[float] = []
@@ -132,6 +150,7 @@ class ResumableTrainerMixin:
         self._latest_valid = None
         self._saving = False
         self._last_epoch = -1
+        self._rank_rng_states = None
         super().__init__(config, model)
 
     @property
@@ -149,9 +168,16 @@ class ResumableTrainerMixin:
             epoch_seconds=list(self.epoch_seconds),
             rng_state=rng_state(),
         )
+        if self._rank_rng_states is not None:
+            state["rank_rng_states"] = self._rank_rng_states
         if self._train_data is not None:
             state["loader_state"] = loader_state(self._train_data)
         return state
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if world_size() > 1:  # a collective call: every rank saves (rank 0 writes)
+            self._rank_rng_states = gather_objects(rng_state())
+        super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
 
     def _save_last(self, epoch: int) -> None:
         self._save_checkpoint(epoch, verbose=False, saved_model_file=self.last_model_file)
@@ -215,5 +241,22 @@ class ResumableTrainerMixin:
             self.stopped_early = checkpoint["stopped_early"]
             self.epoch_seconds = list(checkpoint["epoch_seconds"])
             set_rng_state(checkpoint["rng_state"])
+            self._set_rank_rng_state(checkpoint.get("rank_rng_states"))
             self._pending_loader_state = checkpoint.get("loader_state")
         self.logger.info(f"Checkpoint {source} loaded. Resume training from epoch {self.start_epoch}.")
+
+    def _set_rank_rng_state(self, saved: list | None) -> None:
+        """This rank's torch generators (dropout) from a checkpoint of as many processes; with another
+        number, rank 0 continues rank 0's and the others are seeded anew (python's and numpy's generators
+        are rank 0's everywhere: distributed.sync_host_rng)."""
+        if world_size() == 1 or rank() == 0:
+            return
+        if saved is not None and len(saved) == world_size():
+            state = saved[rank()]
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+            return
+        torch.manual_seed(int(self.config["seed"]) + 1000 * self.start_epoch + rank())
+        self.logger.info(f"Checkpoint written by {len(saved) if saved else 1} process(es): rank {rank()}'s dropout "
+                         "draws start anew (results match the uninterrupted run only in distribution).")

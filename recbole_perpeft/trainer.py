@@ -7,13 +7,15 @@ import os
 from recbole.trainer import Trainer
 from recbole.utils import get_local_time
 
-from recbole_perpeft.compat import SafeCheckpointMixin
+from recbole_perpeft.compat import AbstractTrainerWithoutDDP, SafeCheckpointMixin
+from recbole_perpeft.distributed import on_rank0
 from recbole_perpeft.resume import ResumableTrainerMixin
 
 
-class PEFTTrainer(ResumableTrainerMixin, SafeCheckpointMixin, Trainer):
+class PEFTTrainer(ResumableTrainerMixin, SafeCheckpointMixin, Trainer, AbstractTrainerWithoutDDP):
     """Optimises only trainable parameters (the foundation's frozen ones would only cost AdamW
-    memory); resumable (recbole_perpeft/resume.py), with seconds per training epoch."""
+    memory); resumable (recbole_perpeft/resume.py), with seconds per training epoch; in several
+    processes, as recbole_perpeft/distributed.py says (``AbstractTrainerWithoutDDP``: no DDP wrapper)."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -30,7 +32,12 @@ class PEFTTrainer(ResumableTrainerMixin, SafeCheckpointMixin, Trainer):
 
 def checkpoint_path(config, name: str) -> str:
     """``<checkpoint_dir>/<name>-<dataset>-seed<seed>-<time>.pth``, never an existing file: RecBole's
-    own names are unique only to the second, so back-to-back runs (a comparison) could share one."""
+    own names are unique only to the second, so back-to-back runs (a comparison) could share one.
+    In several processes, rank 0's name (its clock, its files) for every rank."""
+    return on_rank0(_new_checkpoint_path, config, name)
+
+
+def _new_checkpoint_path(config, name: str) -> str:
     os.makedirs(config["checkpoint_dir"], exist_ok=True)
     stem = os.path.join(config["checkpoint_dir"], f"{name}-{config['dataset']}-seed{config['seed']}-{get_local_time()}")
     path, n = f"{stem}.pth", 1

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from recbole_perpeft.data.sampler import GroupNegativeSampler, SequenceNegativeSampler
+from recbole_perpeft.distributed import build_item_tables, on_rank0, rank, single_process_view
 from recbole_perpeft.grouping import UserGroups, fit_user_groups, training_item_pools
 from recbole_perpeft.resume import TrainingInterrupted, best_checkpoint_path, load_checkpoint
 from recbole_perpeft.trainer import PEFTTrainer, checkpoint_path
@@ -46,17 +47,20 @@ def groups_file(stage2_checkpoint: str) -> str:
     return os.path.splitext(stage2_checkpoint)[0] + "-groups.pt"
 
 
-@torch.no_grad()
-def interest_vectors(model, dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(internal user ids, vectors) of every training user under a trained GlobalPEFT."""
-    model.eval()
-    return model.backbone.interest_vectors(dataset, model.item_table(), batch_size)
-
-
 def group_users(model, dataset, config) -> UserGroups:
-    user_ids, vectors = interest_vectors(model, dataset, config["eval_batch_size"])
-    return fit_user_groups(vectors, np.asarray(user_ids), dataset.user_num, config["n_groups"],
-                           config["grouping_method"], config["seed"])  # fmt: skip
+    """The interest groups of every training user under a trained GlobalPEFT (in eval mode). In several
+    processes every rank helps build the item table, and rank 0 groups the users for all (K-Means may
+    differ in the last bits from machine to machine; every rank must hold the same groups)."""
+    model.eval()
+    build_item_tables(model)  # (one process: nothing; item_table below builds it)
+
+    @torch.no_grad()
+    def fit() -> UserGroups:
+        user_ids, vectors = model.backbone.interest_vectors(dataset, model.item_table(), config["eval_batch_size"])
+        return fit_user_groups(vectors, np.asarray(user_ids), dataset.user_num, config["n_groups"],
+                               config["grouping_method"], config["seed"])  # fmt: skip
+
+    return on_rank0(fit)
 
 
 class TwoStageTrainer(PEFTTrainer):
@@ -115,7 +119,7 @@ class TwoStageTrainer(PEFTTrainer):
             raise ValueError(
                 f"--resume={resume_file} is a {stage} checkpoint, not one of {self.config['model']}'s two stages."
             )
-        saved = torch.load(groups_file(best_checkpoint_path(resume_file)), weights_only=True)
+        saved = on_rank0(torch.load, groups_file(best_checkpoint_path(resume_file)), weights_only=True)
         self.groups = UserGroups.from_state(saved)
         stage1 = saved.get("stage1", {"seconds": {}, "global_checkpoint": None})
         self.seconds.update(stage1["seconds"])
@@ -152,8 +156,9 @@ class TwoStageTrainer(PEFTTrainer):
         return model
 
     def stage2_loader(self, dataset):
-        """Group-homogeneous batches from the backbone, negatives from the group's items (§3.3.4)."""
-        config, groups = self.config, self.groups
+        """Group-homogeneous batches from the backbone, negatives from the group's items (§3.3.4); in several
+        processes, the global batches (every rank builds the same loader and trains on its share)."""
+        config, groups = single_process_view(self.config), self.groups
         if config["group_negatives"]:
             sampler = GroupNegativeSampler(dataset.item_num, config["seed"], training_item_pools(dataset, groups))
         else:
@@ -197,7 +202,8 @@ class TwoStageTrainer(PEFTTrainer):
                 self.model.load_global(self._global_state, self.groups)
                 self._restart_stage2(weight_decay, file)
             # Beside the grouping, what stage 1 reported: a resumed stage 2 still writes a complete result.
-            torch.save({**self.groups.to_state(), "stage1": stage1}, groups_file(self.saved_model_file))
+            if rank() == 0:
+                torch.save({**self.groups.to_state(), "stage1": stage1}, groups_file(self.saved_model_file))
             self.logger.info(
                 f"Stage 2: {self.config['model']}, {self.epochs} epochs, weight_decay {self.weight_decay} "
                 f"-> {self.saved_model_file}"

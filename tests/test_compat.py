@@ -257,3 +257,74 @@ def test_recbole_quick_start_is_the_hazard():
     )
     assert result.returncode == 0, result.stderr
     assert "FAILED" in result.stdout or "RAY True" in result.stdout
+
+
+# --- RecBole's multi-process training (recbole_perpeft/distributed.py replaces it) ------------------------------
+
+
+def test_trainers_keep_the_model_unwrapped_under_a_distributed_config(sasrec_run):
+    config, new_model, _ = sasrec_run
+    safe = compat.with_safe_checkpoints(Trainer)
+    mro = safe.__mro__
+    assert mro.index(compat.AbstractTrainerWithoutDDP) == mro.index(Trainer) + 1  # Trainer's super().__init__
+    config["single_spec"] = False  # what Config sets in a process of a multi-process run
+    try:
+        # RecBole's own: DistributedDataParallel(model, device_ids=[local_rank]), CUDA and a process group only.
+        with pytest.raises((RuntimeError, ValueError)):
+            Trainer(config, new_model(1))
+        model = new_model(1)
+        trainer = safe(config, model)
+        assert trainer.model is model and not hasattr(trainer, "distributed_model")
+    finally:
+        config["single_spec"] = True
+
+
+def test_only_global_rank_0_writes_checkpoints(sasrec_run, monkeypatch):
+    config, new_model, _ = sasrec_run
+    trainer = compat.with_safe_checkpoints(Trainer)(config, new_model(1))
+    config["single_spec"] = False
+    try:
+        # local_rank is 0 on every machine's first process: RecBole would write one checkpoint per machine.
+        monkeypatch.setattr(compat.dist, "get_rank", lambda: 4)
+        trainer._save_checkpoint(0, verbose=False)
+        assert not Path(trainer.saved_model_file).exists()
+        monkeypatch.setattr(compat.dist, "get_rank", lambda: 0)
+        trainer._save_checkpoint(0, verbose=False)
+        assert Path(trainer.saved_model_file).is_file()
+    finally:
+        config["single_spec"] = True
+
+
+def test_distributed_device_is_gloo_on_a_cpu_and_eval_rows_merge(monkeypatch):
+    from recbole.evaluator.collector import DataStruct
+
+    from recbole_perpeft.launch import free_port
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPUs there, but gpu_id names too few
+    with pytest.raises(ValueError, match=r"nproc=2 processes on GPUs need as many GPUs in gpu_id.*--gpu_id=0,1"):
+        compat.init_distributed_device({"gpu_id": "0", "local_rank": 0, "nproc": 2})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = {"gpu_id": "0", "local_rank": 0, "nproc": 1, "world_size": 1, "ip": "localhost",
+           "port": free_port("localhost"), "offset": 0}  # fmt: skip
+    compat.init_distributed_device(cfg)  # RecBole's would ask for NCCL
+    try:
+        assert compat.dist.get_backend() == "gloo"
+        assert cfg["device"] == torch.device("cpu") and cfg["single_spec"] is False
+        struct = DataStruct()
+        struct.set("rec.topk", torch.tensor([[1, 0, 1], [0, 0, 1]]))
+        struct.set("data.num_items", 25)
+        merged = compat.merge_eval_structs(struct)
+        assert merged["rec.topk"].tolist() == [[1, 0, 1], [0, 0, 1]] and merged["data.num_items"] == 25
+    finally:
+        compat.dist.destroy_process_group()
+
+
+def test_recbole_distributed_evaluation_is_the_hazard(sasrec_run):
+    # Why our evaluation shares out whole batches and gathers rows (compat.merge_eval_structs): RecBole's
+    # DistributedSampler pads the users to a multiple of the world size by repeating some ...
+    sampler = torch.utils.data.distributed.DistributedSampler(list(range(5)), num_replicas=2, rank=1, shuffle=False)
+    assert list(sampler) == [1, 3, 0]  # user 0 is evaluated twice
+    # ... and _map_reduce weights each rank's metrics by len(batched_data), a 4-tuple for every batch.
+    _, _, test_data = sasrec_run
+    assert all(len(batch) == 4 for batch in test_data)
