@@ -15,7 +15,18 @@ A comma in ``--model``, or ``--seeds`` or ``--ttest``, makes a comparison: every
 seed (``--seeds=N``: the config's seed and the N-1 after it; ``--seeds=1,5,9``: those; default 1), each run's
 result JSON goes to ``table.runs/<model>-seed<s>.json`` (and is reused when the command is run again), and
 ``table.json`` / ``table.md`` get mean (std) per model and metric and paired t-tests against ``--ttest``
-(default: the last model). Two-stage models of one seed share one stage-1 GlobalPEFT."""
+(default: the last model). Two-stage models of one seed share one stage-1 GlobalPEFT.
+
+Several processes (RecBole's keys; gloo on a CPU, NCCL on GPUs; see recbole_perpeft/distributed.py). The
+global batch stays ``train_batch_size``, each process trains on its share of every batch:
+
+    python run_recbole_perpeft.py --model=PerPEFT --dataset=ml-100k --nproc=2 [--gpu_id=0,1] [--key=value ...]
+
+Across machines, the same command on each: ``--world_size`` processes in all, ``--ip``/``--port`` of the
+machine with ``--offset=0``, and each machine's ``--offset`` (the rank of its first process):
+
+    machine A: ... --nproc=4 --world_size=8 --ip=10.0.0.1 --port=29500 --offset=0
+    machine B: ... --nproc=4 --world_size=8 --ip=10.0.0.1 --port=29500 --offset=4"""
 
 from __future__ import annotations
 
@@ -38,14 +49,20 @@ def parse_args(argv):
     parser.add_argument("--seeds", default=None, help="compare over seeds: a count (3) or a list (1,2,3)")
     parser.add_argument("--ttest", default=None, help="compare: the reference model of the paired t-tests")
     args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(parser, rest)
+    files = args.config_files.replace(",", " ").split() if args.config_files else None
+    return args, files, overrides
+
+
+def parse_overrides(parser, rest: list[str]) -> dict:
+    """The ``--key=value`` config overrides left over by ``parser`` (every command line of the package)."""
     overrides = {}
     for arg in rest:
         key, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if not key or not sep:
             parser.error(f"unrecognised argument '{arg}': config overrides are written --key=value")
         overrides[key] = flow_value(value)
-    files = args.config_files.replace(",", " ").split() if args.config_files else None
-    return args, files, overrides
+    return overrides
 
 
 def flow_value(value: str):
