@@ -60,6 +60,7 @@ from recbole_perpeft.compare_report import (  # noqa: F401 - re-exported: caller
     write_report,
 )
 
+MAX_SEED_COUNT = 100  # a larger count is a seed typed as a count
 DEFAULT_SEEDS = 1  # a comparison without --seeds: each model once, with the config's seed
 # Keys that only change stage 2 of a two-stage model (what it does after loading the trained GlobalPEFT, its
 # evaluation included): grouped rows whose overrides differ only in these (and in the model) share a stage 1.
@@ -116,6 +117,9 @@ def parse_seeds(value) -> int | list[int]:
             ) from None
     if count < 1:
         raise ValueError(f"--seeds must be at least 1, got {value!r}.")
+    if count > MAX_SEED_COUNT:  # --seeds=2025 meant seed 2025, not 2,025 runs per row
+        raise ValueError(f"--seeds={value} would run {count} seeds per model; for the one seed {count} write "
+                         f"--seeds={count}, (a list), or --seed={count} without --seeds.")
     return count
 
 

@@ -33,6 +33,14 @@ def test_parse_seeds_rejects_bad_values(value):
         cmp.parse_seeds(value)
 
 
+def test_a_seed_typed_as_a_count_is_refused_with_the_list_form():
+    # --seeds=2025 once started 5 x 2025 runs of a table; the error names the one-seed spellings.
+    with pytest.raises(ValueError, match=r"--seeds=2025,"):
+        cmp.parse_seeds("2025")
+    assert cmp.parse_seeds("2025,") == [2025]
+    assert cmp.parse_seeds(str(cmp.MAX_SEED_COUNT)) == cmp.MAX_SEED_COUNT
+
+
 def test_resolve_seeds_counts_up_from_the_base_seed_or_keeps_a_list():
     assert cmp.resolve_seeds(3, 2024) == [2024, 2025, 2026]
     assert cmp.resolve_seeds("2", lambda: 10) == [10, 11]
