@@ -1,7 +1,7 @@
 """``loss_type: SAMPLED_SOFTMAX``: the loss against a hand computation (logQ correction, accidental hits), the
 samplers' shared draw (uniform, seeded, a group's pool), the loaders' shared negatives, and the models: each
 negative encoded once (GlobalPEFT through the foundation path, WithoutMM), LightGCN's propagated negatives,
-PerPEFT's group pool, and the baselines that refuse it."""
+PerPEFT's group pool, and the personal-vector baselines."""
 
 from __future__ import annotations
 
@@ -207,9 +207,32 @@ def test_perpeft_draws_from_the_groups_pool_and_trains_the_groups_network(keys):
 
 
 @pytest.mark.parametrize("model_name", ["UserLevel1", "GroupLevel2"])
-def test_personal_vector_baselines_refuse_it_before_building_anything(keys, model_name):
-    with pytest.raises(ValueError, match=f"{model_name} does not support loss_type SAMPLED_SOFTMAX"):
-        build(model_name, keys, clip_path="/nonexistent")  # refused before the foundation is loaded
+def test_personal_vector_baselines_train_on_the_shared_negatives(keys, monkeypatch, model_name):
+    run = build(model_name, keys, n_groups=2)
+    if model_name.startswith("Group"):
+        labels = (np.arange(run.dataset.user_num) % 2).astype(np.int64)
+        labels[0] = -1
+        run.model.set_groups(UserGroups(labels, 2, "random", 0))
+    batch = next(iter(run.train))
+    assert NEG_LIST not in batch
+    encodes = record_encodes(monkeypatch, run.model)
+    model = run.model.eval()  # no dropout: the formula below is deterministic
+    loss = model.calculate_loss(batch)
+    seq, pos, lengths, shared = batch["item_id_list"], batch[TARGET_LIST], batch["item_length"], batch[SHARED_NEGATIVES]
+    distinct = torch.unique(torch.cat([seq.flatten(), pos.flatten(), shared[0]]))  # each negative once
+    assert len(encodes) == 1 and torch.equal(encodes[0], distinct)
+    with torch.no_grad():
+        table = model.item_vectors(torch.arange(run.dataset.item_num))
+        output = model.encode_personalised(table[seq], seq, lengths, model.personal_vectors(batch["user_id"]))
+        targets = model.align(pos, lengths)
+        mask = targets > 0
+        expected = sampled_softmax_ce(output[mask], table[targets[mask]], targets[mask], table[shared[0]], shared[0],
+                                      batch[SHARED_NEG_LOG_Q][0])  # fmt: skip
+    assert torch.allclose(loss, expected, atol=1e-5)
+    model.train()
+    model.zero_grad()
+    model.calculate_loss(batch).backward()
+    assert model.personal_embedding.weight.grad.abs().sum() > 0  # the personal vectors learn from it
 
 
 def test_bad_settings_name_the_key(keys):

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
+from recbole_perpeft.data.dataloader import NEG_LIST, SAMPLED_SOFTMAX, SHARED_NEG_LOG_Q, SHARED_NEGATIVES, TARGET_LIST
 from recbole_perpeft.grouping import check_grouping
 from recbole_perpeft.model.backbones.base import Triples
 from recbole_perpeft.model.sequence_encoder import SASRecEncoder
-from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
+from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT, SharedNegatives
 from recbole_perpeft.two_stage import TwoStageTrainer
 
 
@@ -142,19 +142,28 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
 
     def calculate_loss(self, interaction):
         """GlobalPEFT's loss (Eq. 1, or loss_type) at every position the encoder outputs for a target
-        (see :meth:`align`), plus the cross-modal alignment loss when cmsa_weight > 0."""
-        seq, pos, neg = interaction[self.ITEM_SEQ], interaction[TARGET_LIST], interaction[NEG_LIST]
+        (see :meth:`align`), plus the cross-modal alignment loss when cmsa_weight > 0. Every distinct item
+        of the batch (sequence, targets, per-position negatives or, under SAMPLED_SOFTMAX, the shared
+        negatives) goes through the item tower once."""
+        seq, pos = interaction[self.ITEM_SEQ], interaction[TARGET_LIST]
         lengths = interaction[self.ITEM_SEQ_LEN]
-        items, inverse = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
+        shared = interaction[SHARED_NEGATIVES][0] if self.loss_type == SAMPLED_SOFTMAX else None
+        per_position = [seq, pos] + ([] if shared is not None else [interaction[NEG_LIST]])
+        stacked = torch.stack(per_position)
+        flat = stacked.reshape(-1) if shared is None else torch.cat([stacked.reshape(-1), shared])
+        items, inverse = torch.unique(flat, return_inverse=True)
         vectors, alignment = self.item_vectors_and_alignment(items)
-        emb = vectors[inverse]  # [3, B, L, H]
+        emb = vectors[inverse[: stacked.numel()].view(stacked.shape)]  # [2 or 3, B, L, H]
         personal = self.personal_vectors(interaction[self.USER_ID])
         output = self.encode_personalised(emb[0], seq, lengths, personal)
         targets = self.align(pos, lengths)
         mask = targets > 0
-        triples = Triples(user=output[mask], pos=self.align(emb[1], lengths)[mask],
-                          neg=self.align(emb[2], lengths)[mask], pos_items=targets[mask])  # fmt: skip
-        return self.recommendation_loss(triples, items, vectors) + self.cmsa_weight * alignment
+        neg = None if shared is not None else self.align(emb[2], lengths)[mask]
+        triples = Triples(user=output[mask], pos=self.align(emb[1], lengths)[mask], neg=neg, pos_items=targets[mask])
+        negatives = None
+        if shared is not None:
+            negatives = SharedNegatives(shared, vectors[inverse[stacked.numel() :]], interaction[SHARED_NEG_LOG_Q][0])
+        return self.recommendation_loss(triples, items, vectors, negatives) + self.cmsa_weight * alignment
 
     # --- accounting ----------------------------------------------------------------------------------------
 

@@ -61,8 +61,6 @@ class GlobalPEFT(SequentialRecommender):
                              "log-sigmoid; INBATCH: in-batch cross-entropy with popularity correction; "
                              "SAMPLED_SOFTMAX: cross-entropy over the positive and sampled_softmax_negatives "
                              "negatives shared by the batch).")
-        if self.loss_type == SAMPLED_SOFTMAX:
-            self._check_sampled_softmax()
         self.initializer_range = config["initializer_range"]
         self.show_progress = bool(config["show_progress"])
         self.item_id_embedding = nn.Embedding(self.n_items, config["hidden_size"], padding_idx=0)
@@ -84,15 +82,6 @@ class GlobalPEFT(SequentialRecommender):
     def training_loader(cls, config, dataset, sampler, group_of_user=None, shuffle=True):
         """The training batches this model's backbone needs (``data_preparation`` calls it)."""
         return get_backbone(config["backbone"]).training_loader(config, dataset, sampler, group_of_user, shuffle)
-
-    def _check_sampled_softmax(self) -> None:
-        # The personal-vector baselines (model/personalisation.py) build their triples in their own
-        # calculate_loss from per-position negatives, which SAMPLED_SOFTMAX batches do not carry.
-        from recbole_perpeft.model.personalisation import PersonalisedGlobalPEFT
-
-        if isinstance(self, PersonalisedGlobalPEFT):
-            raise ValueError(f"{type(self).__name__} does not support loss_type SAMPLED_SOFTMAX (it builds its "
-                             "training triples from per-position negatives): use BCE, BPR or INBATCH.")
 
     def _build_alignment(self, config) -> CrossModalAlignment:
         tower = self.item_tower
