@@ -161,6 +161,20 @@ def test_rerun_reuses_every_run(tmp_path, fake_run, capsys):
     assert out.count("reusing") == 7 and "warning" not in out
 
 
+def test_rows_runs_a_part_of_the_table_and_the_whole_table_reuses_it(tmp_path, fake_run, capsys):
+    keys, out = dataset_keys(tmp_path), tmp_path / "t2"
+    part = reproduce("2", "repds", peft="LORA", seeds=1, result_dir=out, overrides=keys,
+                     only="w/o MM, GlobalPEFT,PerPEFT")  # fmt: skip
+    assert [c["model"] for c in fake_run.calls] == ["WithoutMM", "GlobalPEFT", "PerPEFT"]
+    assert list(part["blocks"][0]["rows"]) == ["w/o MM", "GlobalPEFT", "PerPEFT"]
+    capsys.readouterr()
+    reproduce("2", "repds", peft="LORA", seeds=1, result_dir=out, overrides=keys)
+    assert len(fake_run.calls) == 8  # the five rows not yet run
+    assert capsys.readouterr().out.count("reusing") == 3
+    with pytest.raises(ValueError, match="'PerPEFTT' is not a row of this table; its rows are w/o MM, FrozenMM"):
+        reproduce("2", "repds", peft="LORA", seeds=1, result_dir=out, overrides=keys, only="PerPEFTT")
+
+
 def test_stage1_is_shared_only_among_rows_with_the_same_stage1_settings(tmp_path, fake_run):
     reproduce("3", "repds", peft="LORA", seeds=1, result_dir=tmp_path / "t3", overrides=dataset_keys(tmp_path))
     by_label = calls_by_label(fake_run, 2024)
@@ -260,9 +274,9 @@ def test_command_line(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(runner_module, "reproduce", lambda *a, **k: calls.append((a, k)))
     reproduce_main(["--table=3", "--dataset=D", "--peft=IISAN", "--seeds=1,2", "--epochs=3", "--topk=[5, 10]",
-                    "--config_files=a.yaml,b.yaml"])  # fmt: skip
+                    "--config_files=a.yaml,b.yaml", "--rows=w/o MM,PerPEFT"])  # fmt: skip
     assert calls == [(("3", "D"), {"peft": "IISAN", "seeds": [1, 2], "result_dir": None,
-                                   "config_file_list": ["a.yaml", "b.yaml"],
+                                   "config_file_list": ["a.yaml", "b.yaml"], "only": "w/o MM,PerPEFT",
                                    "overrides": {"epochs": "3", "topk": [5, 10]}})]  # fmt: skip
 
     def failing(*args, **kwargs):

@@ -1,5 +1,5 @@
 """python -m recbole_perpeft.reproduce --table=2|3|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
-[--result_dir=DIR] [--config_files=a.yaml,b.yaml] [--key=value ...]: see recbole_perpeft/reproduce/__init__.py."""
+[--rows=A,B] [--result_dir=DIR] [--config_files=a.yaml,b.yaml] [--key=value ...]: see reproduce/__init__.py."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def parse_args(argv):
     parser.add_argument("--peft", default=",".join(DEFAULT_PEFT), help="PEFT types (Table 2: a block each; "
                         "Table 3 and missing: the first)")  # fmt: skip
     parser.add_argument("--seeds", default="3", help="a count (3: the config's seed and the two after) or a list")
+    parser.add_argument("--rows", default=None, help="only these rows, as the table names them (e.g. "
+                        "'w/o MM,FrozenMM,GlobalPEFT,PerPEFT'); their runs are reused by the whole table later")
     parser.add_argument("--result_dir", default=None, help="default reproduce-<dataset>-table<N>/")
     parser.add_argument("--config_files", default=None, help="comma- or space-separated YAML files")
     args, rest = parser.parse_known_args(argv)
@@ -35,7 +37,7 @@ def main(argv=None) -> None:
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         reproduce(args.table, args.dataset, peft=args.peft, seeds=parse_seeds(args.seeds),
-                  result_dir=args.result_dir, config_file_list=files, overrides=overrides)  # fmt: skip
+                  result_dir=args.result_dir, config_file_list=files, overrides=overrides, only=args.rows)  # fmt: skip
     except (TrainingInterrupted, KeyboardInterrupt):
         print("interrupted: run the same command again; finished runs are reused.", file=sys.stderr)
         sys.exit(130)

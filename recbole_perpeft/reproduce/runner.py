@@ -83,6 +83,17 @@ def equal_training(entries, config, overrides) -> tuple[list, dict]:
     return [dataclasses.replace(e, row=rows[e.row.label]) for e in entries], {**info, "single_stage_epochs": epochs}
 
 
+def select_rows(entries, only) -> list:
+    """The entries named in ``only`` (--rows); a name the table does not have is an error listing its names."""
+    names = [n.strip() for n in only.split(",")] if isinstance(only, str) else [str(n).strip() for n in only]
+    known = list(dict.fromkeys(e.name for e in entries))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"--rows: {', '.join(map(repr, unknown)) or 'nothing'} is not a row of this table; its rows "
+                         f"are {', '.join(known)}.")
+    return [e for e in entries if e.name in names]
+
+
 def valid_metric(config, metrics) -> str:
     """The metric the runs select on (``valid_metric``, hit@30), if the tests report it; else the first."""
     metric = str(config["valid_metric"]).lower()
@@ -90,11 +101,13 @@ def valid_metric(config, metrics) -> str:
 
 
 def reproduce(table, dataset: str, peft=DEFAULT_PEFT, seeds=DEFAULT_SEEDS, result_dir=None, config_file_list=None,
-              overrides=None, entries=None, paper=None) -> dict:  # fmt: skip
+              overrides=None, entries=None, paper=None, only=None) -> dict:  # fmt: skip
     """Run (or reuse) every row of ``table`` ('2', '3', 'missing'; recbole_perpeft/reproduce/tables.py) over
     ``seeds`` and write ``<result_dir>/<stem>.json``, ``.md`` and ``.png`` (stem: table2, table3, missing), the
     runs in ``<result_dir>/runs/``; return the JSON dict. ``entries`` replaces the table's rows (tests, other
-    tables); ``paper`` replaces the paper's numbers (paper_tables.yaml)."""
+    tables); ``paper`` replaces the paper's numbers (paper_tables.yaml); ``only`` (row names as the table prints
+    them, e.g. ['w/o MM', 'GlobalPEFT', 'PerPEFT']) runs and reports those rows alone: the cheap part of a table
+    first, its runs reused when the whole table runs later."""
     table = str(table)
     if table not in TABLES:
         raise ValueError(f"--table must be one of {', '.join(TABLES)}, got {table!r}.")
@@ -103,6 +116,8 @@ def reproduce(table, dataset: str, peft=DEFAULT_PEFT, seeds=DEFAULT_SEEDS, resul
         raise ValueError("--peft_type: a table sets the PEFT type of each row; choose them with --peft=LORA,IA3,...")
     peft_types = parse_peft(peft)
     entries = list(entries) if entries is not None else table_entries(table, peft_types)
+    if only:
+        entries = select_rows(entries, only)
     config = resolve_config(dataset, config_file_list, overrides)
     entries, training = equal_training(entries, config, overrides)
     rows, table_blocks = rows_of(entries), blocks_of(entries)  # (both check the entries)
