@@ -232,13 +232,12 @@ def item_table_groups(model) -> list:
 
 @torch.no_grad()
 def build_item_tables(model) -> None:
-    """Fill the per-evaluation table cache of our models (``model._tables``, GlobalPEFT's) for every group an
+    """Set the per-evaluation item tables of our models (GlobalPEFT's ``set_item_table``) for every group an
     evaluation reads: chunk i of the items (``encode_batch_size`` items, as ``item_table`` cuts them) is
     encoded by rank i mod world_size, and the chunks are gathered, so each table is computed once, in the
     same chunks as in one process. Models without that cache (RecBole's) are left alone."""
     tower = getattr(model, "item_tower", None)
-    cache = getattr(model, "_tables", None)
-    if not is_distributed() or not isinstance(cache, dict) or tower is None or not hasattr(model, "item_vectors"):
+    if not is_distributed() or tower is None or not hasattr(model, "set_item_table"):
         return
     device = model.item_id_embedding.weight.device
     chunks = torch.arange(model.n_items, device=device).split(tower.encode_batch_size)
@@ -246,7 +245,7 @@ def build_item_tables(model) -> None:
         mine = [model.item_vectors(chunk, group).cpu() for chunk in chunks[rank() :: world_size()]]
         every = gather_objects(mine)
         ordered = [every[i % world_size()][i // world_size()] for i in range(len(chunks))]
-        cache[group] = torch.cat(ordered).to(device)
+        model.set_item_table(group, torch.cat(ordered).to(device))
 
 
 # --- the trainer -------------------------------------------------------------------------------------------

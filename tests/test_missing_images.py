@@ -1,7 +1,8 @@
 """Missing-modality robustness (beyond the paper, its limitation D.3.3): ``missing_image_ratio`` withholds a
 seeded share of the items' images, exactly as if their files were absent, for every adapter family
 (frozen features, a peft adapter, a side network) on the tiny text + image pair (MiniLM +
-EfficientNet-Lite0); ratio 0 changes nothing; the pixel cache is shared across ratios."""
+EfficientNet-Lite0); ratio 0 changes nothing; the pixel, frozen-feature and layer-state caches are shared
+across ratios."""
 
 from __future__ import annotations
 
@@ -152,6 +153,18 @@ def test_withheld_images_equal_absent_files_in_every_family(tmp_path, data, mode
     assert torch.isfinite(loss)
     if model_name == "FrozenMM" or peft_type == "LORA":
         assert tower.placeholders["image"].grad is not None and tower.placeholders["image"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_name, peft_type", [("FrozenMM", "LORA"), ("GlobalPEFT", "IISAN")])
+def test_every_ratio_shares_the_frozen_caches(tmp_path, data, model_name, peft_type):
+    keys = config_keys(tmp_path, data, peft_type=peft_type)
+    cache_dir = Path(keys["cache_dir"])
+    _, full, *_ = build_model(model_name, DATASET, keys)
+    built = sorted(p.name for p in cache_dir.rglob("*") if p.is_file())
+    assert any(name.startswith(("features-image", "layers-image")) for name in built)  # an image cache exists
+    _, half, *_ = build_model(model_name, DATASET, dict(keys, missing_image_ratio=0.5))
+    assert sorted(p.name for p in cache_dir.rglob("*") if p.is_file()) == built  # nothing new: the same caches
+    assert int(half.item_tower.has_image.sum()) == int(full.item_tower.has_image.sum()) - 12
 
 
 def test_a_run_with_withheld_images_trains_and_tests(tmp_path, data, monkeypatch, caplog):

@@ -46,6 +46,8 @@ class ItemTower(nn.Module):
                 "their layers with side_layers). Set adapt_layers: ~."
             )
         self.family = family(config, self, store)
+        if "image" in self.modalities:  # the families read has_image per batch: from here on it withholds
+            self.has_image = store.withhold_images(self.has_image)
         self._register_family_modules()
         dims = self.family.placeholder_dims
         self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m, d in dims.items()})
@@ -77,7 +79,9 @@ class ItemTower(nn.Module):
                 self.register_buffer("attention_mask", tokens["attention_mask"], persistent=False)
                 self.register_buffer("has_text", store.has_text, persistent=False)
             else:
-                pixels, has_image = store.image_pixels(self.foundation.image_size)
+                # Every image for now: the family builds its caches from has_image (below), and withholding
+                # (missing_image_ratio) after them lets one frozen-feature / layer-state cache serve every ratio.
+                pixels, has_image = store.image_pixels(self.foundation.image_size, withhold=False)
                 self._pixels = pixels  # memory-mapped uint8; rows are gathered per batch
                 self.register_buffer("has_image", has_image, persistent=False)
                 missing = store.n_items - 1 - int(has_image.sum())

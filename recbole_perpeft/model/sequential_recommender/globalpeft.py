@@ -145,6 +145,13 @@ class GlobalPEFT(SequentialRecommender):
             self._tables[group] = torch.cat(rows)
         return self._tables[group]
 
+    def set_item_table(self, group: int | None, table: torch.Tensor) -> None:
+        """Use ``table`` [n_items, H] as one group's item table (None: the global one) until the model next
+        goes to train()/eval(): tables computed elsewhere (by several processes, or saved for serving)."""
+        if table.shape[0] != self.n_items:
+            raise ValueError(f"an item table needs {self.n_items} rows (one per item id), got {tuple(table.shape)}.")
+        self._tables[group] = table
+
     def train(self, mode: bool = True):
         # Tables are built once per evaluation: every train()/eval() call (RecBole's evaluate starts
         # with eval()) drops them, since parameters may have changed in between.

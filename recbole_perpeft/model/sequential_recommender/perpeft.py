@@ -184,7 +184,8 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
         """Serve from saved tables (puts the model in eval mode; a later train()/eval() call drops them)."""
         self.eval()
         tables = torch.load(path, map_location=self.group_of_user.device, weights_only=True)
-        self._tables = {None: tables["global"], **dict(enumerate(tables["groups"]))}
+        for group, table in {None: tables["global"], **dict(enumerate(tables["groups"]))}.items():
+            self.set_item_table(group, table)
 
     # --- accounting (paper Table 8) -------------------------------------------------------------------
 
