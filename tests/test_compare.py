@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from recbole_perpeft import compare as cmp
+from tests.fake_runs import FakeRun, install
 from tests.tiny import REPO_ROOT, RUN_SCRIPT, load_entry_point, make_atomic_dataset, quick_config
 
 # --- seeds -------------------------------------------------------------------------------------------------------
@@ -88,41 +89,13 @@ def test_two_stage_models_are_found_by_their_load_global():
 GROUPED = {"PerPEFT", "GroupLevel1"}
 
 
-class FakeRun:
-    """Stands in for quick_start.run: records each call, returns a result like the real one (no file)."""
-
-    def __init__(self, root: Path):
-        self.root, self.calls = root, []
-
-    def __call__(self, model, dataset, config_file_list=None, config_dict=None, result_file=None, **kwargs):
-        config_dict = dict(config_dict)
-        self.calls.append({"model": model, "config_dict": config_dict, "result_file": result_file})
-        seed = config_dict["seed"]
-        base = {"SASRec": 0.1, "GlobalPEFT": 0.2, "PerPEFT": 0.3, "GroupLevel1": 0.25}[model]
-        value = base + 0.01 * (seed % 7)
-        result = {
-            "model": model,
-            "dataset": dataset,
-            "config": {"seed": seed, "model": model},
-            "test_result": {"hit@5": value, "ndcg@5": value / 2, "hit@10": value + 0.1, "ndcg@10": value / 2 + 0.05},
-        }
-        if model in GROUPED:
-            checkpoint = config_dict.get("global_checkpoint")
-            if checkpoint is None:
-                checkpoint = self.root / f"stage1-{model}-{seed}.pth"
-                checkpoint.write_bytes(b"fake")
-            result["global_checkpoint"] = str(checkpoint)
-        return result
+def fake_value(model: str, config: dict) -> float:
+    return {"SASRec": 0.1, "GlobalPEFT": 0.2, "PerPEFT": 0.3, "GroupLevel1": 0.25}[model] + 0.01 * (config["seed"] % 7)
 
 
 @pytest.fixture
 def fake_run(tmp_path, monkeypatch):
-    from recbole_perpeft import quick_start
-
-    fake = FakeRun(tmp_path)
-    monkeypatch.setattr(quick_start, "run", fake)
-    monkeypatch.setattr(cmp, "is_grouped", lambda model: model in GROUPED)
-    return fake
+    return install(monkeypatch, FakeRun(tmp_path, fake_value, GROUPED), cmp)
 
 
 def test_compare_shares_stage1_per_seed_and_writes_json_and_markdown(tmp_path, fake_run, capsys):
@@ -132,10 +105,10 @@ def test_compare_shares_stage1_per_seed_and_writes_json_and_markdown(tmp_path, f
         ",".join(models), "ds", seeds=2, overrides={"seed": "40", "epochs": "1"}, result_file=result_file
     )
     calls = fake_run.calls
-    assert [(c["model"], c["config_dict"]["seed"]) for c in calls] == [(m, s) for s in (40, 41) for m in models]
-    assert all(c["config_dict"]["epochs"] == "1" for c in calls)  # overrides go to every run
+    assert [(c["model"], c["config"]["seed"]) for c in calls] == [(m, s) for s in (40, 41) for m in models]
+    assert all(c["config"]["epochs"] == "1" for c in calls)  # overrides go to every run
     for seed in (40, 41):
-        by_model = {c["model"]: c["config_dict"] for c in calls if c["config_dict"]["seed"] == seed}
+        by_model = {c["model"]: c["config"] for c in calls if c["config"]["seed"] == seed}
         assert "global_checkpoint" not in by_model["PerPEFT"]  # the first grouped model trains stage 1
         assert by_model["GroupLevel1"]["global_checkpoint"] == str(tmp_path / f"stage1-PerPEFT-{seed}.pth")
         assert "global_checkpoint" not in by_model["SASRec"] and "global_checkpoint" not in by_model["GlobalPEFT"]
@@ -178,15 +151,15 @@ def test_compare_reuses_finished_runs(tmp_path, fake_run, capsys):
     # A new seed and a lost run: only those run; GroupLevel1 still gets the reused PerPEFT's stage 1.
     os.remove(tmp_path / "t.runs" / "GroupLevel1-seed3.json")
     cmp.compare(["SASRec", "PerPEFT", "GroupLevel1"], "ds", seeds=[3, 4, 5], result_file=result_file)
-    redone = [(c["model"], c["config_dict"]["seed"]) for c in fake_run.calls[6:]]
+    redone = [(c["model"], c["config"]["seed"]) for c in fake_run.calls[6:]]
     assert redone == [("GroupLevel1", 3), ("SASRec", 5), ("PerPEFT", 5), ("GroupLevel1", 5)]
-    assert fake_run.calls[6]["config_dict"]["global_checkpoint"] == str(tmp_path / "stage1-PerPEFT-3.pth")
+    assert fake_run.calls[6]["config"]["global_checkpoint"] == str(tmp_path / "stage1-PerPEFT-3.pth")
 
     # A per-run JSON of another run (here seed 4's) in the way, or a broken one, is not taken for this run.
     runs_dir = tmp_path / "t.runs"
     (runs_dir / "SASRec-seed3.json").write_text((runs_dir / "SASRec-seed4.json").read_text())
     cmp.compare(["SASRec"], "ds", seeds=[3], result_file=result_file)
-    assert len(fake_run.calls) == 11 and fake_run.calls[-1]["config_dict"]["seed"] == 3
+    assert len(fake_run.calls) == 11 and fake_run.calls[-1]["config"]["seed"] == 3
     assert json.loads((runs_dir / "SASRec-seed3.json").read_text())["config"]["seed"] == 3
     (runs_dir / "SASRec-seed3.json").write_text("{not json")
     cmp.compare(["SASRec"], "ds", seeds=[3], result_file=result_file)
@@ -211,7 +184,7 @@ def test_changed_keys_compares_overrides_as_recbole_reads_them():
 def test_compare_keeps_a_global_checkpoint_the_user_gave(tmp_path, fake_run):
     cmp.compare("PerPEFT,GroupLevel1", "ds", seeds="1,2", overrides={"global_checkpoint": "mine.pth"},
                 result_file=tmp_path / "t.json")  # fmt: skip
-    assert [c["config_dict"]["global_checkpoint"] for c in fake_run.calls] == ["mine.pth"] * 4
+    assert [c["config"]["global_checkpoint"] for c in fake_run.calls] == ["mine.pth"] * 4
 
 
 def test_compare_checks_names_and_reference_before_training(tmp_path, fake_run):
@@ -247,7 +220,7 @@ def test_run_rows_runs_labelled_rows_and_shares_stage1_by_settings(tmp_path, fak
             cmp.Row("GroupLevel1", "GroupLevel1", {"n_groups": 4}),
             cmp.Row("PerPEFT", "PerPEFT")]  # fmt: skip
     runs, results = cmp.run_rows(rows, "ds", [5], tmp_path / "runs", overrides={"learning_rate": "1e-3"}, log="t")
-    calls = {Path(c["result_file"]).name: c["config_dict"] for c in fake_run.calls}
+    calls = {Path(c["result_file"]).name: c["config"] for c in fake_run.calls}
     assert list(calls) == ["w-o-text-seed5.json", "w-o-group-negatives-seed5.json", "SASRec-seed5.json",
                            "GroupLevel1-seed5.json", "PerPEFT-seed5.json"]  # fmt: skip
     assert calls["w-o-text-seed5.json"] == {"learning_rate": "1e-3", "modalities": ["image"], "seed": 5}

@@ -16,6 +16,7 @@ from recbole_perpeft.compare import Row
 from recbole_perpeft.reproduce import Entry, reproduce, runner, table_entries
 from recbole_perpeft.reproduce.__main__ import main as reproduce_main
 from recbole_perpeft.reproduce.paper import load_paper
+from tests.fake_runs import FakeRun, install
 from tests.tiny import make_atomic_dataset, make_tiny_clip, two_stage_keys
 
 GROUPED = {"PerPEFT", "GroupLevel1", "GroupLevel2"}
@@ -61,38 +62,17 @@ def test_table3_and_missing_rows():
 # --- running, with a fake training function --------------------------------------------------------------------------
 
 
-class FakeRun:
-    """Stands in for quick_start.run: records each call; a grouped model without a global_checkpoint "trains"
-    stage 1 (a new file); the result echoes the run's config like the real one."""
-
-    def __init__(self, root: Path):
-        self.root, self.calls = root, []
-
-    def __call__(self, model, dataset, config_file_list=None, config_dict=None, result_file=None, **kwargs):
-        config = dict(config_dict)
-        self.calls.append({"model": model, "config": config, "result_file": result_file})
-        seed, value = config["seed"], BASE[model] + 0.01 * len(config.get("modalities") or [])
-        value += 0.002 * (seed % 5) + 0.001 * (model == "PerPEFT") * (seed % 2)
-        result = {"model": model, "dataset": dataset, "config": {**config, "model": model},
-                  "test_result": {"hit@20": value, "hit@30": value + 0.1, "ndcg@20": value / 2,
-                                  "ndcg@30": value / 2 + 0.02}}  # fmt: skip
-        if model in GROUPED:
-            checkpoint = config.get("global_checkpoint")
-            if checkpoint is None:
-                checkpoint = self.root / f"stage1-{len(self.calls)}.pth"
-                checkpoint.write_bytes(b"fake")
-            result["global_checkpoint"] = str(checkpoint)
-        return result
+def fake_value(model: str, config: dict) -> float:
+    seed = config["seed"]
+    value = BASE[model] + 0.01 * len(config.get("modalities") or [])
+    return value + 0.002 * (seed % 5) + 0.001 * (model == "PerPEFT") * (seed % 2)
 
 
 @pytest.fixture
 def fake_run(tmp_path, monkeypatch):
-    from recbole_perpeft import quick_start
-
-    fake = FakeRun(tmp_path)
-    monkeypatch.setattr(quick_start, "run", fake)
-    monkeypatch.setattr(cmp, "is_grouped", lambda model: model in GROUPED)
-    monkeypatch.setattr(runner, "is_grouped", lambda model: model in GROUPED)
+    fake = FakeRun(tmp_path, fake_value, GROUPED, topk=(20, 30), ndcg_offset=0.02,
+                   stage1_name=lambda model, seed, n_calls: f"stage1-{n_calls}.pth")  # fmt: skip
+    install(monkeypatch, fake, cmp, runner)
     # WithoutMM, soft_groups and missing_image_ratio come from other work: not needed to test the tables here.
     monkeypatch.setattr(runner, "check_row_configs", lambda *args: None)
     return fake
