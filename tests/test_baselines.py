@@ -1,5 +1,5 @@
 """The personalisation baselines (paper §4.1.3): UserLevel1/2 and GroupLevel1/2 (a user or group
-embedding appended at the end of the sequence, or concatenated with every item and projected), and
+embedding as one more sequence element, before or after the items, or concatenated with every item and projected), and
 LargeGlobalPEFT (one adapter and projector as large as PerPEFT's together).
 
 Where the personal vector enters the encoder and which output predicts; that it reaches only its
@@ -104,9 +104,10 @@ class EncoderSpy:
 # --- 1. where the personal vector enters ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("position", ["start", "end"])
 @pytest.mark.parametrize("name", ["UserLevel1", "GroupLevel1"])
-def test_level1_appends_the_personal_vector_at_item_length_and_predicts_from_there(env, name):
-    model = build(env, name)
+def test_level1_puts_the_personal_vector_in_the_sequence_and_predicts_from_the_right_output(env, name, position):
+    model = build(env, name, personal_vector_position=position)
     model.eval()
     hidden, max_len = env.config["hidden_size"], model.max_seq_length
     assert model.sequence_encoder.position_embedding.num_embeddings == max_len + 1
@@ -123,9 +124,11 @@ def test_level1_appends_the_personal_vector_at_item_length_and_predicts_from_the
     personal = model.personal_embedding.weight[source]
     for row in range(len(users)):
         n = int(lengths[row])
-        torch.testing.assert_close(fed[row, :n], table[seq[row, :n]])
-        torch.testing.assert_close(fed[row, n], personal[row], rtol=0, atol=0)
-        # The user position attends to every item and to itself, and to no padding.
+        first, at = (1, 0) if position == "start" else (0, n)  # where the items start, where the vector is
+        torch.testing.assert_close(fed[row, first : first + n], table[seq[row, :n]])
+        torch.testing.assert_close(fed[row, at], personal[row], rtol=0, atol=0)
+        # The predicting output (index n either way: the last item, or the vector after it) attends to every
+        # item and to the vector, and to no padding.
         assert (mask[row, 0, n, : n + 1] == 0).all() and (mask[row, 0, n, n + 1 :] < 0).all()
         torch.testing.assert_close(scores[row], output[row, n] @ table.T)
         assert not torch.allclose(scores[row], output[row, n - 1] @ table.T)
@@ -133,6 +136,11 @@ def test_level1_appends_the_personal_vector_at_item_length_and_predicts_from_the
     torch.testing.assert_close(
         model.predict(interaction), scores.gather(1, interaction[model.ITEM_ID].unsqueeze(1)).squeeze(1)
     )
+
+
+def test_level1_refuses_an_unknown_position(env):
+    with pytest.raises(ValueError, match="personal_vector_position must be start .* or end .*, got 'middle'"):
+        build(env, "UserLevel1", personal_vector_position="middle")
 
 
 @pytest.mark.parametrize("name", ["UserLevel2", "GroupLevel2"])
@@ -158,8 +166,9 @@ def test_level2_feeds_linear_of_item_and_personal_vector_at_every_position(env, 
         torch.testing.assert_close(scores[row], output[row, n - 1] @ table.T)
 
 
-def test_level1_loss_is_eq1_at_every_item_position_plus_the_user_position(env):
-    model = build(env, "UserLevel1")
+@pytest.mark.parametrize("position", ["start", "end"])
+def test_level1_loss_is_eq1_at_every_item_position_and_the_end_layouts_user_position(env, position):
+    model = build(env, "UserLevel1", personal_vector_position=position)
     model.eval()  # no dropout: the loss can be recomputed by hand
     batch = train_batch(env, model_config(env, "UserLevel1"))
     seq, lengths, users = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.USER_ID]
@@ -171,20 +180,24 @@ def test_level1_loss_is_eq1_at_every_item_position_plus_the_user_position(env):
     marker = torch.zeros(batch_size, max_len + 1, dtype=torch.long)
     for row in range(batch_size):
         n = int(lengths[row])
-        emb[row, :n] = table[seq[row, :n]]
-        emb[row, n] = model.personal_embedding.weight[users[row]]
+        first, at = (1, 0) if position == "start" else (0, n)
+        emb[row, first : first + n] = table[seq[row, :n]]
+        emb[row, at] = model.personal_embedding.weight[users[row]]
         marker[row, : n + 1] = 1
     with torch.no_grad():
         output = model.sequence_encoder(emb, model.get_attention_mask(marker))
     terms = []
     for row in range(batch_size):
         n = int(lengths[row])
-        steps = [(t, t) for t in range(n)] + [(n, n - 1)]  # (output position, target position)
+        if position == "start":  # (output position, target position): each item's output, the prompt's none
+            steps = [(t + 1, t) for t in range(n)]
+        else:  # each item's output and the user position's, whose target is the last one's
+            steps = [(t, t) for t in range(n)] + [(n, n - 1)]
         for out_at, target_at in steps:
             p = output[row, out_at] @ table[pos[row, target_at]]
             q = output[row, out_at] @ table[neg[row, target_at]]
             terms.append(F.softplus(-p) + F.softplus(q))
-    assert len(terms) == int((pos > 0).sum()) + batch_size
+    assert len(terms) == int((pos > 0).sum()) + (batch_size if position == "end" else 0)
     torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-4, atol=1e-5)
 
 
@@ -257,8 +270,8 @@ def test_group_models_start_from_the_global_model(env, name):
     state = model.state_dict()
     position_key = "backbone.encoder.position_embedding.weight"
     for key, value in stage1.items():
-        if key == position_key and name == "GroupLevel1":  # one more position (the group vector's)
-            assert torch.equal(state[key][:-1], value) and state[key].shape[0] == value.shape[0] + 1
+        if key == position_key and name == "GroupLevel1":  # one more position (the group vector's, first)
+            assert torch.equal(state[key][1:], value) and state[key].shape[0] == value.shape[0] + 1
         else:
             assert torch.equal(state[key], value), key
     assert torch.equal(model.group_of_user, torch.as_tensor(env.groups.labels))
@@ -267,6 +280,13 @@ def test_group_models_start_from_the_global_model(env, name):
     assert new == {"group_of_user", "personal_embedding.weight"} | (
         {"personal_fusion.weight", "personal_fusion.bias"} if name == "GroupLevel2" else set()
     )
+
+
+def test_grouplevel1_at_the_end_keeps_the_item_positions_in_place(env):
+    model = build(env, "GroupLevel1", personal_vector_position="end")
+    key = "backbone.encoder.position_embedding.weight"
+    stage1 = env.global_model.state_dict()[key]
+    assert torch.equal(model.state_dict()[key][:-1], stage1)  # the new (group vector's) position is the last
 
 
 @pytest.mark.parametrize("name", GROUP_MODELS)

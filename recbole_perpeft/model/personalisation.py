@@ -4,11 +4,11 @@ Items go through the same item tower as GlobalPEFT (one global adapter and proje
 embeddings) and the same SASRec encoder and Eq. 1 loss; what differs is a *personal vector* that
 enters the sequence encoder, in one of two ways:
 
-- :class:`AppendPersonalVector` (level 1, personalised-prompt style): the vector is an extra element
-  at the end of the user's sequence. RecBole sequences are left-aligned and zero-padded after
-  ``item_length`` items, so it goes at position ``item_length`` (the encoder has
-  ``MAX_ITEM_LIST_LENGTH + 1`` positions). Attention is causal, so every item position sees only
-  items and the user position sees them all: the user representation is the output there.
+- :class:`PromptPersonalVector` (level 1, personalised-prompt style): the vector is an extra element of
+  the user's sequence (the encoder has ``MAX_ITEM_LIST_LENGTH + 1`` positions): before the items
+  (``personal_vector_position: start``, a prompt every item attends to; the last item's output is the
+  user representation) or after them at ``item_length`` (``end``; RecBole sequences are left-aligned and
+  zero-padded; the user representation is the output there, which sees every item).
 - :class:`ConcatPersonalVector` (level 2, SSE-PT style): the vector is concatenated with every item
   vector and ``Linear(2H, H)`` maps the pair back to the encoder's width.
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from recbole_perpeft.adapters.registry import option
 from recbole_perpeft.data.dataloader import NEG_LIST, SAMPLED_SOFTMAX, SHARED_NEG_LOG_Q, SHARED_NEGATIVES, TARGET_LIST
 from recbole_perpeft.grouping import check_grouping
 from recbole_perpeft.model.backbones.base import Triples
@@ -190,17 +191,33 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
         return state
 
 
-class AppendPersonalVector(PersonalisedGlobalPEFT):
-    """Level 1: the personal vector as one more sequence element, at position ``item_length``.
+PERSONAL_VECTOR_POSITIONS = ("start", "end")
 
-    Trained with Eq. 1 at every item position plus the user position, whose target (and sampled
-    negative) is the last position's; predictions use the output at the user position."""
+
+class PromptPersonalVector(PersonalisedGlobalPEFT):
+    """Level 1: the personal vector as one more sequence element (the encoder gets one more position).
+
+    ``personal_vector_position``:
+
+    - ``start`` (a personalised prompt): the vector before the items, which move one position to the right.
+      Every item position is trained with Eq. 1 as in GlobalPEFT and the last item's output, which attends to
+      the prompt, is the user's representation; the prompt's own output has no target.
+    - ``end``: the vector after the last item, at index ``item_length``. Trained at every item position plus
+      the user position (whose target and negative are the last position's); predictions use the output at
+      the user position. Its one trained query per user and epoch makes it the weaker layout (README)."""
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        # One more position than GlobalPEFT: a full sequence's user vector sits at index max_seq_length.
+        self.personal_vector_position = str(option(config, "personal_vector_position", "start")).lower()
+        if self.personal_vector_position not in PERSONAL_VECTOR_POSITIONS:
+            raise ValueError(f"personal_vector_position must be start (a prompt before the items) or end (after "
+                             f"the last item), got {config['personal_vector_position']!r}.")  # fmt: skip
         self.backbone.encoder = SASRecEncoder(config, self.max_seq_length + 1)
         self.backbone.encoder.apply(self._init_weights)
+
+    @property
+    def at_start(self) -> bool:
+        return self.personal_vector_position == "start"
 
     @staticmethod
     def _put_at_end(per_position: torch.Tensor, item_seq_len: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -209,27 +226,39 @@ class AppendPersonalVector(PersonalisedGlobalPEFT):
         rows = torch.arange(len(per_position), device=per_position.device)
         return extended.index_put((rows, item_seq_len), values)
 
+    @staticmethod
+    def _put_first(per_position: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [B, L + 1, ...] with ``values`` [B, ...] at index 0."""
+        return torch.cat([values.unsqueeze(1), per_position], dim=1)
+
     def encode_personalised(self, item_emb, item_seq, item_seq_len, personal):
-        emb = self._put_at_end(item_emb, item_seq_len, personal.to(item_emb.dtype))
-        # The attention mask treats the user position as a real element (any id > 0 marks it).
-        marker = self._put_at_end(item_seq, item_seq_len, torch.ones_like(item_seq_len))
+        personal = personal.to(item_emb.dtype)
+        # The attention mask treats the personal position as a real element (any id > 0 marks it).
+        if self.at_start:
+            emb, marker = self._put_first(item_emb, personal), self._put_first(item_seq, torch.ones_like(item_seq_len))
+        else:
+            emb = self._put_at_end(item_emb, item_seq_len, personal)
+            marker = self._put_at_end(item_seq, item_seq_len, torch.ones_like(item_seq_len))
         return self.sequence_encoder(emb, self.get_attention_mask(marker))
 
     def user_positions(self, item_seq_len):
-        return item_seq_len
+        return item_seq_len  # start: the last item, one to the right; end: the personal vector
 
     def align(self, per_position, item_seq_len):
+        if self.at_start:  # no target at the prompt
+            return self._put_first(per_position, per_position.new_zeros(per_position[:, 0].shape))
         rows = torch.arange(len(per_position), device=per_position.device)
         return self._put_at_end(per_position, item_seq_len, per_position[rows, item_seq_len - 1])
 
     def adapt_global_state(self, state: dict) -> dict:
-        """A GlobalPEFT state has max_seq_length position embeddings: the extra (user) one keeps
-        its fresh initialisation."""
+        """A GlobalPEFT state has max_seq_length position embeddings: the items keep theirs (start: shifted by
+        one, as the items are) and the personal vector's position keeps its fresh initialisation."""
         key = "backbone.encoder.position_embedding.weight"
         own = self.sequence_encoder.position_embedding.weight
         if key in state and state[key].shape[0] == own.shape[0] - 1:
             state = dict(state)
-            state[key] = torch.cat([state[key].to(own.device), own.detach()[-1:]])
+            old = state[key].to(own.device)
+            state[key] = torch.cat([own.detach()[:1], old] if self.at_start else [old, own.detach()[-1:]])
         return state
 
 
