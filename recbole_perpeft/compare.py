@@ -216,7 +216,7 @@ def _given(value) -> bool:
     return value is not None and str(value).strip() not in ("", "None", "none", "null", "~")
 
 
-def load_run(path, model: str, dataset: str, seed: int):
+def load_run(path, model: str, dataset: str, seed: int, quiet: bool = False):
     """The result JSON of an earlier run of (model, dataset, seed) at ``path``, or None (absent / other run)."""
     path = Path(path)
     if not path.is_file():
@@ -232,7 +232,7 @@ def load_run(path, model: str, dataset: str, seed: int):
         )
     except (OSError, ValueError, TypeError, AttributeError):
         same = False
-    if not same:
+    if not same and not quiet:
         print(f"[compare] {path} is not a finished run of {model} on {dataset} with seed {seed}: running it again")
         return None
     return result
@@ -272,6 +272,19 @@ def changed_keys(result: dict, overrides: dict) -> list[str]:
     return changed
 
 
+def finished_stage1(rows, grouped: dict, dataset: str, seed: int, runs_dir, overrides: dict) -> dict:
+    """{stage1_key: checkpoint} of the stage 1 that this seed's finished two-stage runs of ``rows`` used."""
+    found = {}
+    for row in rows:
+        if not grouped[row.model]:
+            continue
+        result = load_run(run_file(runs_dir, row.label, seed), row.model, dataset, seed, quiet=True)
+        checkpoint = (result or {}).get("global_checkpoint")
+        if _given(checkpoint) and os.path.isfile(str(checkpoint)):
+            found.setdefault(stage1_key({**overrides, **row.overrides}), str(checkpoint))
+    return found
+
+
 def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, overrides=None, log="compare",
              skip=None) -> tuple[dict, dict]:
     """Train (or reuse) every (row, seed), seed by seed, the rows of a seed in order; return ``runs``
@@ -296,7 +309,9 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
     test_results = {row.label: {} for row in todo}
     done = 0
     for seed in seed_list:
-        stage1 = {}  # this seed's GlobalPEFT checkpoints, by stage-1 settings (stage1_key)
+        # This seed's GlobalPEFT checkpoints, by stage-1 settings (stage1_key); those of finished runs first, so
+        # that a row placed before the run that trained its stage 1 (or a later --rows call) takes it too.
+        stage1 = {} if user_global else finished_stage1(todo, grouped, dataset, seed, runs_dir, overrides)
         for row in todo:
             done += 1
             row_overrides = {**overrides, **row.overrides}

@@ -151,6 +151,10 @@ def test_rows_runs_a_part_of_the_table_and_the_whole_table_reuses_it(tmp_path, f
     reproduce("2", "repds", peft="LORA", seeds=1, result_dir=out, overrides=keys)
     assert len(fake_run.calls) == 8  # the five rows not yet run
     assert capsys.readouterr().out.count("reusing") == 3
+    # GroupLevel1 and GroupLevel2 come before PerPEFT in the table, yet take the stage 1 its finished run trained.
+    stage1 = str(tmp_path / "stage1-3.pth")
+    later = {c["model"]: c["config"] for c in fake_run.calls[3:]}
+    assert later["GroupLevel1"]["global_checkpoint"] == later["GroupLevel2"]["global_checkpoint"] == stage1
     with pytest.raises(ValueError, match="'PerPEFTT' is not a row of this table; its rows are w/o MM, FrozenMM"):
         reproduce("2", "repds", peft="LORA", seeds=1, result_dir=out, overrides=keys, only="PerPEFTT")
 
