@@ -272,12 +272,10 @@ def changed_keys(result: dict, overrides: dict) -> list[str]:
     return changed
 
 
-def finished_stage1(rows, grouped: dict, dataset: str, seed: int, runs_dir, overrides: dict) -> dict:
-    """{stage1_key: checkpoint} of the stage 1 that this seed's finished two-stage runs of ``rows`` used."""
+def finished_stage1(rows, dataset: str, seed: int, runs_dir, overrides: dict) -> dict:
+    """{stage1_key: checkpoint} of the stage 1 that this seed's finished runs of the two-stage ``rows`` used."""
     found = {}
     for row in rows:
-        if not grouped[row.model]:
-            continue
         result = load_run(run_file(runs_dir, row.label, seed), row.model, dataset, seed, quiet=True)
         checkpoint = (result or {}).get("global_checkpoint")
         if _given(checkpoint) and os.path.isfile(str(checkpoint)):
@@ -286,11 +284,12 @@ def finished_stage1(rows, grouped: dict, dataset: str, seed: int, runs_dir, over
 
 
 def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, overrides=None, log="compare",
-             skip=None) -> tuple[dict, dict]:
+             skip=None, stage1_from=None) -> tuple[dict, dict]:
     """Train (or reuse) every (row, seed), seed by seed, the rows of a seed in order; return ``runs``
     ({label: {seed: run file}}) and ``test_results`` ({label: {seed: test_result}}).
 
-    ``skip(row)``: a reason not to run a row (printed once; the row gets no runs), or None."""
+    ``skip(row)``: a reason not to run a row (printed once; the row gets no runs), or None. ``stage1_from``:
+    more rows (the rest of a table) whose finished runs' stage 1 the two-stage rows may share."""
     from recbole_perpeft import quick_start
 
     rows = check_rows(rows)
@@ -301,6 +300,7 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
         if reason:
             print(f"[{log}] skipping {label}: {reason}", flush=True)
     todo = [row for row in rows if not reasons[row.label]]
+    sharing = list({row.label: row for row in [*todo, *(stage1_from or [])] if is_grouped(row.model)}.values())
     user_global = _given(overrides.get("global_checkpoint"))
     total = len(todo) * len(seed_list)
     print(f"[{log}] {len(todo)} rows x {len(seed_list)} seeds ({', '.join(map(str, seed_list))}) on "
@@ -311,7 +311,7 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
     for seed in seed_list:
         # This seed's GlobalPEFT checkpoints, by stage-1 settings (stage1_key); those of finished runs first, so
         # that a row placed before the run that trained its stage 1 (or a later --rows call) takes it too.
-        stage1 = {} if user_global else finished_stage1(todo, grouped, dataset, seed, runs_dir, overrides)
+        stage1 = {} if user_global else finished_stage1(sharing, dataset, seed, runs_dir, overrides)
         for row in todo:
             done += 1
             row_overrides = {**overrides, **row.overrides}

@@ -155,6 +155,11 @@ def test_rows_runs_a_part_of_the_table_and_the_whole_table_reuses_it(tmp_path, f
     stage1 = str(tmp_path / "stage1-3.pth")
     later = {c["model"]: c["config"] for c in fake_run.calls[3:]}
     assert later["GroupLevel1"]["global_checkpoint"] == later["GroupLevel2"]["global_checkpoint"] == stage1
+    # A --rows call without PerPEFT still takes the stage 1 of PerPEFT's finished run (of the same seed).
+    reproduce("2", "repds", peft="LORA", seeds=[2025], result_dir=out, overrides=keys, only="PerPEFT")
+    reproduce("2", "repds", peft="LORA", seeds=[2025], result_dir=out, overrides=keys, only="GroupLevel1")
+    assert fake_run.calls[-1]["model"] == "GroupLevel1"
+    assert fake_run.calls[-1]["config"]["global_checkpoint"] == str(tmp_path / "stage1-9.pth")
     with pytest.raises(ValueError, match="'PerPEFTT' is not a row of this table; its rows are w/o MM, FrozenMM"):
         reproduce("2", "repds", peft="LORA", seeds=1, result_dir=out, overrides=keys, only="PerPEFTT")
 
