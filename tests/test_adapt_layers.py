@@ -28,11 +28,9 @@ from recbole_perpeft.encoders.text_image import TextImageFoundation
 from recbole_perpeft.model.precision import Precision
 from tests.tiny import (
     REPO_ROOT,
-    WORDS,
     build_model,
-    item_token,
-    make_atomic_dataset,
     make_tiny_clip,
+    make_varied_title_dataset,
     quick_config,
     run_script,
 )
@@ -73,15 +71,7 @@ def tiny_bert(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset_keys(tmp_path_factory):
     """25 items, titles of 1 to 12 words (token lengths differ: several length buckets), item 107 untitled."""
-    root = tmp_path_factory.mktemp("data")
-    keys = make_atomic_dataset(root, DATASET, n_items=N_ITEMS)
-    lines = ["item_id:token\ttitle:token_seq"]
-    for i in range(N_ITEMS):
-        words = [WORDS[(i * 5 + k * 3) % len(WORDS)] for k in range(1 + (i * 7) % 12)]
-        title = "" if item_token(i) == "107" else f"{' '.join(words)} {i}"
-        lines.append(f"{item_token(i)}\t{title}")
-    (root / DATASET / f"{DATASET}.item").write_text("\n".join(lines) + "\n")
-    return keys
+    return make_varied_title_dataset(tmp_path_factory.mktemp("data"), DATASET, N_ITEMS, untitled=("107",))
 
 
 @pytest.fixture

@@ -15,7 +15,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from recbole_perpeft.model import precision
 from recbole_perpeft.model.length_buckets import length_buckets, padded_tokens
 from recbole_perpeft.model.precision import Precision, resolve_precision
-from tests.tiny import WORDS, build_config, build_model, item_token, make_atomic_dataset, make_tiny_clip, quick_config
+from tests.tiny import (
+    build_config,
+    build_model,
+    make_tiny_clip,
+    make_varied_title_dataset,
+    quick_config,
+)
 
 DATASET = "precds"
 N_ITEMS = 25
@@ -45,14 +51,7 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset_keys(tmp_path_factory):
     """The tiny dataset with titles of 1 to 12 words, so that a batch's token lengths differ widely."""
-    root = tmp_path_factory.mktemp("data")
-    keys = make_atomic_dataset(root, DATASET, n_items=N_ITEMS)
-    lines = ["item_id:token\ttitle:token_seq"]
-    for i in range(N_ITEMS):
-        words = [WORDS[(i * 5 + k * 3) % len(WORDS)] for k in range(1 + (i * 7) % 12)]
-        lines.append(f"{item_token(i)}\t{' '.join(words)} {i}")
-    (root / DATASET / f"{DATASET}.item").write_text("\n".join(lines) + "\n")
-    return keys
+    return make_varied_title_dataset(tmp_path_factory.mktemp("data"), DATASET, N_ITEMS)
 
 
 @pytest.fixture

@@ -109,6 +109,19 @@ def make_atomic_dataset(
     }
 
 
+def make_varied_title_dataset(root: Path, name: str, n_items: int, untitled=()) -> dict:
+    """:func:`make_atomic_dataset` whose titles run from 1 to 12 words (token lengths differ widely: several
+    length buckets in a batch); the items in ``untitled`` (tokens) get an empty title."""
+    keys = make_atomic_dataset(root, name, n_items=n_items)
+    lines = ["item_id:token\ttitle:token_seq"]
+    for i in range(n_items):
+        words = [WORDS[(i * 5 + k * 3) % len(WORDS)] for k in range(1 + (i * 7) % 12)]
+        title = "" if item_token(i) in untitled else f"{' '.join(words)} {i}"
+        lines.append(f"{item_token(i)}\t{title}")
+    (Path(root) / name / f"{name}.item").write_text("\n".join(lines) + "\n")
+    return keys
+
+
 def quick_config(tmp_path, **overrides) -> dict:
     """Keys that keep a run small and inside ``tmp_path`` (checkpoints, caches)."""
     tmp_path = Path(tmp_path)
