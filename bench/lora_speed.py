@@ -53,7 +53,7 @@ def setup_keys(setup: str, args, work: Path) -> tuple[dict, str]:
             "text_max_length": 77}, f"CLIP {clip} (random weights), LoRA on both towers"  # fmt: skip
 
 
-def build(model_name: str, keys: dict):
+def build(model_name: str, keys: dict, dataset: str = DATASET):
     """Config, train loader and model, as quick_start builds them (no logging set-up, no training)."""
     from recbole.utils import init_seed
 
@@ -61,7 +61,7 @@ def build(model_name: str, keys: dict):
     from recbole_perpeft.data import create_dataset, data_preparation
     from recbole_perpeft.utils import get_model
 
-    config = Config(model=model_name, dataset=DATASET, config_dict=dict(keys))
+    config = Config(model=model_name, dataset=dataset, config_dict=dict(keys))
     init_seed(config["seed"], config["reproducibility"])
     model_class = get_model(model_name)
     train_data, _, _ = data_preparation(config, create_dataset(config), model_class)

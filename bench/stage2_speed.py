@@ -18,22 +18,9 @@ from pathlib import Path
 from time import perf_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def build(model_name: str, dataset: str, keys: dict):
-    """Config, train loader and model, as quick_start builds them (no logging set-up, no training)."""
-    from recbole.utils import init_seed
-
-    from recbole_perpeft.config import Config
-    from recbole_perpeft.data import create_dataset, data_preparation
-    from recbole_perpeft.utils import get_model
-
-    config = Config(model=model_name, dataset=dataset, config_dict=dict(keys))
-    init_seed(config["seed"], config["reproducibility"])
-    model_class = get_model(model_name)
-    train_data, _, _ = data_preparation(config, create_dataset(config), model_class)
-    init_seed(config["seed"], config["reproducibility"])
-    return config, train_data, model_class(config, train_data._dataset).to(config["device"])
+from lora_speed import build  # noqa: E402 (after the path)
 
 
 def timed_epoch(trainer, data, epoch: int) -> float:
@@ -48,10 +35,10 @@ def measure(peft: str, args, overrides: dict) -> dict:
 
     keys = {"peft_type": peft, "show_progress": False, "n_groups": args.n_groups,
             "user_sample_ratio": args.user_sample_ratio, **overrides}  # fmt: skip
-    config, train_data, global_model = build("GlobalPEFT", args.dataset, keys)
+    config, train_data, global_model = build("GlobalPEFT", keys, args.dataset)
     global_trainer = PEFTTrainer(config, global_model)
     global_trainer._train_epoch(train_data, 0)  # warm-up: first-call costs are no epoch's
-    per_config, per_data, perpeft = build("PerPEFT", args.dataset, keys)
+    per_config, per_data, perpeft = build("PerPEFT", keys, args.dataset)
     per_trainer = TwoStageTrainer(per_config, perpeft)
     per_trainer.prepare_stage2(global_model.state_dict(), group_users(global_model, per_data._dataset, per_config))
     stage2_data = per_trainer.stage2_loader(per_data._dataset)

@@ -69,3 +69,26 @@ def test_gpu_check_script_runs_the_tiny_bench_on_a_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "GPU memory" in result.stdout
     assert "== clip:" in result.stdout and "step s, length buckets" in result.stdout
+
+
+def test_stage2_speed_bench_alternates_epochs_and_prints_the_ratio(tmp_path, monkeypatch, capsys):
+    """``bench/stage2_speed.py`` on a tiny dataset and CLIP, in-process: every epoch line and the ratio row."""
+    from tests.tiny import make_atomic_dataset, make_tiny_clip, two_stage_keys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    import stage2_speed
+
+    keys = two_stage_keys(tmp_path, make_atomic_dataset(tmp_path / "data", "stagespeedds"),
+                          make_tiny_clip(tmp_path / "clip").path)  # fmt: skip
+    keys.pop("n_groups")  # the bench's own --n_groups
+    argv = ["--dataset=stagespeedds", "--peft=IISAN,LORA", "--repeats=2", "--n_groups=2"]
+    stage2_speed.main(argv + [f"--{k}={v}" for k, v in keys.items() if not isinstance(v, (dict, list))]
+                      + [f"--{k}={v!r}" for k, v in keys.items() if isinstance(v, (dict, list))])  # fmt: skip
+    out = capsys.readouterr().out
+    for peft in ("IISAN", "LORA"):
+        assert f"[{peft}] epoch 2: GlobalPEFT" in out
+        row = re.search(rf"^{peft}\s+(\d+)\s+(\d+)/(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+        assert row, out
+        global_s, perpeft_s, ratio = (float(row.group(i)) for i in (4, 5, 6))
+        assert global_s > 0 and perpeft_s > 0 and abs(ratio - perpeft_s / global_s) < 0.01 + 0.01 * ratio
