@@ -1,13 +1,15 @@
 """PerPEFT's stage-2 epoch against a GlobalPEFT epoch, per peft type, on a real dataset (issue 11: <= 1.05x).
 
     python bench/stage2_speed.py [--dataset=amazon-scientific] [--peft=IISAN,LORA] [--repeats=3]
-        [--user_sample_ratio=1.0] [--n_groups=8] [--key=value ...]
+        [--user_sample_ratio=1.0] [--n_groups=8] [--profile] [--key=value ...]
 
 For each peft type, in one process: GlobalPEFT is built and trained one (warm-up) epoch; PerPEFT's stage 2
 is built from it (its K-Means groups, group-homogeneous batches, group negatives) and trained one warm-up
 epoch; then ``--repeats`` epochs of each, alternating (GlobalPEFT, PerPEFT, GlobalPEFT, ...), so that a
 machine whose load drifts slows both alike. Prints every epoch's seconds, the medians, steps per epoch and
-the ratio of the medians. Only training epochs are timed (no evaluation)."""
+the ratio of the medians. Only training epochs are timed (no evaluation). ``--profile`` adds one cProfiled
+epoch of each and prints the cumulative seconds of the steps' parts that stage 2 does differently (batch
+collation, negative sampling, adapter switching, the optimizer), as shares of that epoch."""
 
 from __future__ import annotations
 
@@ -49,7 +51,28 @@ def measure(peft: str, args, overrides: dict) -> dict:
         seconds["perpeft"].append(timed_epoch(per_trainer, stage2_data, epoch))
         print(f"[{peft}] epoch {epoch}: GlobalPEFT {seconds['global'][-1]:.2f} s, PerPEFT stage 2 "
               f"{seconds['perpeft'][-1]:.2f} s", flush=True)  # fmt: skip
+    if args.profile:
+        for name, trainer, data in (("GlobalPEFT", global_trainer, train_data), ("PerPEFT", per_trainer, stage2_data)):
+            print_profile(f"[{peft}] {name}", trainer._train_epoch, data, args.repeats + 1)
     return {"seconds": seconds, "steps": (len(train_data), len(stage2_data)), "users": train_data._dataset.user_num}
+
+
+PROFILED = ("collate_fn", "sample", "activate", "step", "zero_grad")  # what stage 2 may do at another cost
+
+
+def print_profile(title: str, epoch, *args) -> None:
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.runcall(epoch, *args)
+    stats = pstats.Stats(profile).stats  # {(file, line, function): (calls, ncalls, tottime, cumtime, callers)}
+    total = max(cumulative for *_, cumulative, _ in stats.values())
+    print(f"{title}: profiled epoch {total:.2f} s")
+    for (file, line, function), (_, calls, _, cumulative, _) in sorted(stats.items(), key=lambda kv: -kv[1][3]):
+        if (function in PROFILED and "recbole_perpeft" in file) or (function == "step" and "optim" in file):
+            print(f"    {cumulative:8.3f} s {100 * cumulative / total:5.1f}%  {calls:>6} calls  "
+                  f"{Path(file).name}:{line}({function})")
 
 
 def main(argv=None) -> None:
@@ -61,6 +84,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--user_sample_ratio", type=float, default=1.0)
     parser.add_argument("--n_groups", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="also one cProfiled epoch of each")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, rest)
     if args.repeats < 1:
