@@ -232,8 +232,9 @@ def load_run(path, model: str, dataset: str, seed: int, quiet: bool = False):
         )
     except (OSError, ValueError, TypeError, AttributeError):
         same = False
-    if not same and not quiet:
-        print(f"[compare] {path} is not a finished run of {model} on {dataset} with seed {seed}: running it again")
+    if not same:
+        if not quiet:
+            print(f"[compare] {path} is not a finished run of {model} on {dataset} with seed {seed}: running it again")
         return None
     return result
 

@@ -61,38 +61,37 @@ def test_store_withholds_half_of_the_present_images_by_seed(tmp_path, data, capl
     today = store_for(tmp_path, data)
     pixels, raw = today.image_pixels(16)
     assert int(raw.sum()) == N_ITEMS - 1
-    with caplog.at_level(logging.INFO):
-        store = store_for(tmp_path, data, missing_image_ratio=0.5, missing_image_seed=7)
+
+    def withheld_mask(**keys):
+        store = store_for(tmp_path, data, missing_image_ratio=0.5, **keys)
         store._decode_images = None  # the pixel cache of the ratio-0 store is reused, not decoded again
-        again, has_image = store.image_pixels(16)
+        again, every_image = store.image_pixels(16)
+        assert again.filename == pixels.filename and torch.equal(every_image, raw)  # the same cache, every image
+        return store, store.withhold_images(every_image)
+
+    with caplog.at_level(logging.INFO):
+        store, has_image = withheld_mask(missing_image_seed=7)
     withheld = store.withheld_images
     assert int(withheld.sum()) == 12 and not (withheld & ~raw).any()
     assert torch.equal(has_image, raw & ~withheld)
-    assert again.filename == pixels.filename
     assert "withheld the images of 12 of the 24 items that have one" in caplog.text
     # The same items for the same seed; the run's seed when missing_image_seed is ~; other seeds differ.
-    assert torch.equal(store_for(tmp_path, data, missing_image_ratio=0.5, missing_image_seed=7).image_pixels(16)[1],
-                       has_image)  # fmt: skip
-    by_run_seed = store_for(tmp_path, data, missing_image_ratio=0.5, seed=7)
-    by_run_seed.image_pixels(16)
-    assert torch.equal(by_run_seed.withheld_images, withheld)
-    other = store_for(tmp_path, data, missing_image_ratio=0.5, missing_image_seed=8)
-    other.image_pixels(16)
+    assert torch.equal(withheld_mask(missing_image_seed=7)[1], has_image)
+    assert torch.equal(withheld_mask(seed=7)[0].withheld_images, withheld)
+    other = withheld_mask(missing_image_seed=8)[0]
     assert int(other.withheld_images.sum()) == 12 and not torch.equal(other.withheld_images, withheld)
-    # Caches built from has_image after the withholding are keyed by it; the image files' part is unchanged.
+    # A cache built from has_image after the withholding would be keyed by it; the image files' part is unchanged.
     source = store.modality_source("image")
     assert source.pop("withheld") == torch.nonzero(withheld).flatten().tolist()
     assert source == today.modality_source("image")
-    # Without withholding (a caller that applies it after building those caches), the same cache, same mask.
-    store = store_for(tmp_path, data, missing_image_ratio=0.5, missing_image_seed=7)
-    assert torch.equal(store.image_pixels(16, withhold=False)[1], raw)
-    assert store.modality_source("image") == today.modality_source("image")
-    assert torch.equal(store.withhold_images(raw), has_image)
+    # Before withholding (what the item tower's caches are built on), the key is the ratio-0 one.
+    assert store_for(tmp_path, data, missing_image_ratio=0.5).modality_source("image") == today.modality_source("image")
 
 
 def test_ratio_zero_is_today(tmp_path, data):
     today, zero = store_for(tmp_path, data), store_for(tmp_path, data, missing_image_ratio=0.0, missing_image_seed=3)
-    assert torch.equal(zero.image_pixels(16)[1], today.image_pixels(16)[1])
+    mask = zero.image_pixels(16)[1]
+    assert torch.equal(mask, today.image_pixels(16)[1]) and torch.equal(zero.withhold_images(mask), mask)
     assert zero.withheld_images is None and zero.modality_source("image") == today.modality_source("image")
 
 

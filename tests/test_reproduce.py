@@ -160,6 +160,11 @@ def test_rows_runs_a_part_of_the_table_and_the_whole_table_reuses_it(tmp_path, f
     reproduce("2", "repds", peft="LORA", seeds=[2025], result_dir=out, overrides=keys, only="GroupLevel1")
     assert fake_run.calls[-1]["model"] == "GroupLevel1"
     assert fake_run.calls[-1]["config"]["global_checkpoint"] == str(tmp_path / "stage1-9.pth")
+    # Another seed's run file in this seed's place is no finished run of it: its stage 1 is not taken.
+    runs = out / "runs"
+    (runs / "PerPEFT-LORA-seed2026.json").write_text((runs / "PerPEFT-LORA-seed2025.json").read_text())
+    reproduce("2", "repds", peft="LORA", seeds=[2026], result_dir=out, overrides=keys, only="GroupLevel1")
+    assert "global_checkpoint" not in fake_run.calls[-1]["config"]  # it trains its own
     with pytest.raises(ValueError, match="'PerPEFTT' is not a row of this table; its rows are w/o MM, FrozenMM"):
         reproduce("2", "repds", peft="LORA", seeds=1, result_dir=out, overrides=keys, only="PerPEFTT")
 

@@ -13,11 +13,11 @@ atomic and locked per entry (:mod:`recbole_perpeft.data.cache_files`): runs shar
 build each entry once and never read half a file.
 
 ``missing_image_ratio`` (beyond the paper, its limitation D.3.3) withholds a seeded share of the items'
-images after the pixel cache is read: those items are treated exactly as items without an image file
-(``has_image`` False, so every adapter family gives them the learned placeholder). The pixel cache is
-shared by every ratio; the caches built later from ``has_image`` (frozen features, layer states) encode
-only the items that keep their image, so :meth:`ItemModalityStore.modality_source` keys them by the
-withheld items (see :meth:`ItemModalityStore.image_pixels` for how a caller can share them too)."""
+images (:meth:`ItemModalityStore.withhold_images`): those items are treated exactly as items without an
+image file (``has_image`` False, so every adapter family gives them the learned placeholder). The item tower
+withholds after its caches are built, so the pixel, frozen-feature and layer-state caches serve every
+ratio; a cache built from a withheld ``has_image`` would encode fewer items, so
+:meth:`ItemModalityStore.modality_source` keys such a cache by the withheld items."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def missing_image_settings(config) -> tuple[float, int]:
 class ItemModalityStore:
     missing_image_ratio = 0.0
     missing_image_seed = 0
-    withheld_images: torch.Tensor | None = None  # [n_items] bool, once image_pixels withheld some
+    withheld_images: torch.Tensor | None = None  # [n_items] bool, once withhold_images withheld some
 
     def __init__(self, config, dataset):
         self.logger = getLogger()
@@ -245,12 +245,10 @@ class ItemModalityStore:
         """Which items have an image file (existence only; decoding may still find it corrupt)."""
         return torch.tensor([stamp is not None and stamp[1] is not None for stamp in self.image_stamps()])
 
-    def image_pixels(self, size: int, withhold: bool = True) -> tuple[np.ndarray, torch.Tensor]:
-        """uint8 pixels [n_items, 3, size, size] (memory-mapped from the cache) and ``has_image``, without
-        the images ``missing_image_ratio`` withholds (``withhold``; the pixel cache is the same either way).
-
-        A caller that builds its has_image-derived caches first and only then applies
-        :meth:`withhold_images` (``withhold=False``) keeps those caches shared across ratios too."""
+    def image_pixels(self, size: int) -> tuple[np.ndarray, torch.Tensor]:
+        """uint8 pixels [n_items, 3, size, size] (memory-mapped from the cache) and ``has_image``, every
+        decodable image included: :meth:`withhold_images` applies ``missing_image_ratio`` (the item tower
+        calls it after its caches are built, so that every ratio shares them)."""
         base = self._cache_file("pixels", self._image_files_source(), size)
         pixels_file, mask_file = base + ".npy", base + "-mask.npy"
 
@@ -262,7 +260,7 @@ class ItemModalityStore:
                 if not complete():  # another process may have decoded them while we waited
                     self._decode_images(size, pixels_file, mask_file)
         has_image = torch.from_numpy(np.load(mask_file))
-        return np.load(pixels_file, mmap_mode="r"), self.withhold_images(has_image) if withhold else has_image
+        return np.load(pixels_file, mmap_mode="r"), has_image
 
     def withhold_images(self, has_image: torch.Tensor) -> torch.Tensor:
         """``has_image`` without the images ``missing_image_ratio`` withholds (a new tensor; unchanged at

@@ -81,7 +81,7 @@ class ItemTower(nn.Module):
             else:
                 # Every image for now: the family builds its caches from has_image (below), and withholding
                 # (missing_image_ratio) after them lets one frozen-feature / layer-state cache serve every ratio.
-                pixels, has_image = store.image_pixels(self.foundation.image_size, withhold=False)
+                pixels, has_image = store.image_pixels(self.foundation.image_size)
                 self._pixels = pixels  # memory-mapped uint8; rows are gathered per batch
                 self.register_buffer("has_image", has_image, persistent=False)
                 missing = store.n_items - 1 - int(has_image.sum())

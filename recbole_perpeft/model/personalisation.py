@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from recbole_perpeft.adapters.registry import option
-from recbole_perpeft.data.dataloader import NEG_LIST, SAMPLED_SOFTMAX, SHARED_NEG_LOG_Q, SHARED_NEGATIVES, TARGET_LIST
+from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
 from recbole_perpeft.grouping import check_grouping
 from recbole_perpeft.model.backbones.base import Triples
 from recbole_perpeft.model.sequence_encoder import SASRecEncoder
-from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT, SharedNegatives
+from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
 from recbole_perpeft.two_stage import TwoStageTrainer
 
 
@@ -148,23 +148,16 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
         negatives) goes through the item tower once."""
         seq, pos = interaction[self.ITEM_SEQ], interaction[TARGET_LIST]
         lengths = interaction[self.ITEM_SEQ_LEN]
-        shared = interaction[SHARED_NEGATIVES][0] if self.loss_type == SAMPLED_SOFTMAX else None
-        per_position = [seq, pos] + ([] if shared is not None else [interaction[NEG_LIST]])
-        stacked = torch.stack(per_position)
-        flat = stacked.reshape(-1) if shared is None else torch.cat([stacked.reshape(-1), shared])
-        items, inverse = torch.unique(flat, return_inverse=True)
-        vectors, alignment = self.item_vectors_and_alignment(items)
-        emb = vectors[inverse[: stacked.numel()].view(stacked.shape)]  # [2 or 3, B, L, H]
+        per_position = [seq, pos] + ([interaction[NEG_LIST]] if NEG_LIST in interaction else [])
+        items, vectors, alignment, own, negatives = self.encode_batch(torch.stack(per_position), interaction)
+        emb = vectors[own]  # [2 or 3, B, L, H]: no per-position negatives under SAMPLED_SOFTMAX
         personal = self.personal_vectors(interaction[self.USER_ID])
         output = self.encode_personalised(emb[0], seq, lengths, personal)
         targets = self.align(pos, lengths)
         mask = targets > 0
-        neg = None if shared is not None else self.align(emb[2], lengths)[mask]
+        neg = self.align(emb[2], lengths)[mask] if len(emb) == 3 else None
         triples = Triples(user=output[mask], pos=self.align(emb[1], lengths)[mask], neg=neg, pos_items=targets[mask])
-        negatives = None
-        if shared is not None:
-            negatives = SharedNegatives(shared, vectors[inverse[stacked.numel() :]], interaction[SHARED_NEG_LOG_Q][0])
-        return self.recommendation_loss(triples, items, vectors, negatives) + self.cmsa_weight * alignment
+        return self.recommendation_loss(triples, items, vectors, negatives()) + self.cmsa_weight * alignment
 
     # --- accounting ----------------------------------------------------------------------------------------
 

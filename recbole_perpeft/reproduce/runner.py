@@ -116,11 +116,11 @@ def reproduce(table, dataset: str, peft=DEFAULT_PEFT, seeds=DEFAULT_SEEDS, resul
         raise ValueError("--peft_type: a table sets the PEFT type of each row; choose them with --peft=LORA,IA3,...")
     peft_types = parse_peft(peft)
     entries = list(entries) if entries is not None else table_entries(table, peft_types)
-    every_row = entries
-    if only:
-        entries = select_rows(entries, only)
     config = resolve_config(dataset, config_file_list, overrides)
     entries, training = equal_training(entries, config, overrides)
+    table_rows = rows_of(entries)  # (a --rows call shares the stage 1 of the other rows' finished runs)
+    if only:
+        entries = select_rows(entries, only)
     rows, table_blocks = rows_of(entries), blocks_of(entries)  # (both check the entries)
     check_row_configs(rows, dataset, config_file_list, overrides)
     seed_list = resolve_seeds(seeds, config["seed"])
@@ -132,7 +132,7 @@ def reproduce(table, dataset: str, peft=DEFAULT_PEFT, seeds=DEFAULT_SEEDS, resul
 
     runs, test_results = run_rows(rows, dataset, seed_list, result_dir / "runs", config_file_list, overrides,
                                   log="reproduce", skip=lambda row: skipped.get(row.label),
-                                  stage1_from=rows_of(equal_training(every_row, config, overrides)[0]))  # fmt: skip
+                                  stage1_from=table_rows)  # fmt: skip
     if not test_results:
         raise ValueError(f"nothing to report on {dataset}: every row was skipped ({reason}).")
 

@@ -160,23 +160,32 @@ class GlobalPEFT(SequentialRecommender):
 
     # --- training ------------------------------------------------------------------------------------
 
-    def calculate_loss(self, interaction):
-        # Each distinct item of the batch goes through the foundation model once: the backbone's items and,
-        # under SAMPLED_SOFTMAX, the negatives the batch shares, in one torch.unique pass (here, not in each
-        # backbone's batch_items, so that every backbone gets it).
-        wanted = self.backbone.batch_items(interaction)
+    def encode_batch(self, wanted: torch.Tensor, interaction):
+        """Each distinct item of ``wanted`` (any shape) and, under SAMPLED_SOFTMAX, of the batch's shared
+        negatives through the item path once (one torch.unique pass: here, not in each backbone's
+        batch_items, so that every model gets it). Returns (items, vectors, alignment loss, the index of each
+        ``wanted`` entry in ``items`` [wanted.shape], and a function that gives the shared negatives
+        (SharedNegatives, or None) from the vectors the loss scores them in, by default the encoded ones)."""
         shared = interaction[SHARED_NEGATIVES][0] if self.loss_type == SAMPLED_SOFTMAX else None
-        flat = wanted if shared is None else torch.cat([wanted.reshape(-1), shared])
+        flat = wanted.reshape(-1) if shared is None else torch.cat([wanted.reshape(-1), shared])
         items, inverse = torch.unique(flat, return_inverse=True)
         vectors, alignment = self.item_vectors_and_alignment(items)
-        own = inverse if shared is None else inverse[: wanted.numel()].view(wanted.shape)
+        own = inverse[: wanted.numel()].view(wanted.shape)
+
+        def negatives(space: torch.Tensor | None = None) -> SharedNegatives | None:
+            if shared is None:
+                return None
+            chosen = space[shared] if space is not None else vectors[inverse[wanted.numel() :]]
+            return SharedNegatives(shared, chosen, interaction[SHARED_NEG_LOG_Q][0])
+
+        return items, vectors, alignment, own, negatives
+
+    def calculate_loss(self, interaction):
+        items, vectors, alignment, own, negatives = self.encode_batch(self.backbone.batch_items(interaction),
+                                                                      interaction)  # fmt: skip
         triples = self.backbone.triples(interaction, items, vectors, own)
-        negatives = None
-        if shared is not None:
-            space = triples.item_space  # LightGCN: the propagated table; SASRec: the vectors as encoded
-            shared_vectors = space[shared] if space is not None else vectors[inverse[wanted.numel() :]]
-            negatives = SharedNegatives(shared, shared_vectors, interaction[SHARED_NEG_LOG_Q][0])
-        loss = self.recommendation_loss(triples, items, vectors, negatives) + triples.extra_loss
+        # LightGCN scores the shared negatives in its propagated table (item_space); SASRec as encoded.
+        loss = self.recommendation_loss(triples, items, vectors, negatives(triples.item_space)) + triples.extra_loss
         return loss + self.cmsa_weight * alignment
 
     def recommendation_loss(self, triples, items, vectors, shared: SharedNegatives | None = None) -> torch.Tensor:
