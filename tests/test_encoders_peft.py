@@ -408,6 +408,25 @@ def test_item_table_is_computed_once_per_evaluation(make_config, monkeypatch):
     assert calls == [model.n_items, model.n_items]
 
 
+def test_official_item_vector_mix_scales_a_normalised_projection(make_config):
+    # The official code's item vector: ID embedding + 0.5 * LayerNorm(MLP(...)).
+    _, plain, _, _, _ = build_model("FrozenMM", DATASET, make_config("clip"), seed=1)
+    keys = make_config("clip", projector_output_norm=True, multimodal_weight=0.5)
+    _, model, _, _, _ = build_model("FrozenMM", DATASET, keys, seed=1)
+    assert isinstance(model.item_tower.projector["mlp"][-1], torch.nn.LayerNorm)
+    assert not isinstance(plain.item_tower.projector["mlp"][-1], torch.nn.LayerNorm)
+    assert plain.item_tower.multimodal_weight == 1
+    model.eval()
+    items = torch.arange(1, model.n_items)
+    with torch.no_grad():
+        projected = model.item_tower(items)
+        vectors = model.item_vectors(items)
+    torch.testing.assert_close(projected.std(dim=1, unbiased=False), torch.full((len(items),), 0.5), atol=1e-3, rtol=0)
+    torch.testing.assert_close(vectors, model.item_id_embedding(items) + projected)
+    with pytest.raises(ValueError, match="multimodal_weight must be a number"):
+        build_model("FrozenMM", DATASET, make_config("clip", multimodal_weight="half"))
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 
 

@@ -52,6 +52,12 @@ class ItemTower(nn.Module):
         dims = self.family.placeholder_dims
         self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m, d in dims.items()})
         self.projector = self._projector(config, self.family.out_dims)
+        # item vector = ID embedding + multimodal_weight * projector(...): 1 here, 0.5 in the official code
+        weight = option(config, "multimodal_weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"multimodal_weight must be a number (the weight of the projected modality vector "
+                             f"beside the ID embedding), got {weight!r}.")  # fmt: skip
+        self.multimodal_weight = float(weight)
         where = f"the per-batch forward of {self.adapted}" if self.adapted else "nothing (no modality is adapted)"
         self.logger.info(f"precision: {self.precision.requested} -> {self.precision.name}, autocast over {where}; "
                          "weights, optimizer, projector and loss in fp32")  # fmt: skip
@@ -96,16 +102,12 @@ class ItemTower(nn.Module):
     def _projector(config, dims: dict[str, int]) -> nn.ModuleDict:
         hidden = config["hidden_size"]
         width = positive_int(option(config, "projector_hidden_size", hidden), "projector_hidden_size")
+        layers = [nn.Linear(sum(dims.values()), width), nn.GELU(), nn.Dropout(option(config, "projector_dropout", 0.0)),
+                  nn.Linear(width, hidden)]  # fmt: skip
+        if option(config, "projector_output_norm", False):  # the official code's last LayerNorm
+            layers.append(nn.LayerNorm(hidden))
         return nn.ModuleDict(
-            {
-                "norms": nn.ModuleDict({m: nn.LayerNorm(d) for m, d in dims.items()}),
-                "mlp": nn.Sequential(
-                    nn.Linear(sum(dims.values()), width),
-                    nn.GELU(),
-                    nn.Dropout(option(config, "projector_dropout", 0.0)),
-                    nn.Linear(width, hidden),
-                ),
-            }
+            {"norms": nn.ModuleDict({m: nn.LayerNorm(d) for m, d in dims.items()}), "mlp": nn.Sequential(*layers)}
         )
 
     # --- what the adapter families read ----------------------------------------------------------------
@@ -161,7 +163,8 @@ class ItemTower(nn.Module):
 
     def project(self, parts: dict) -> torch.Tensor:
         projector = self.projector if self.active_group is None else self.group_projectors[self.active_group]
-        return projector["mlp"](torch.cat([projector["norms"][k](v) for k, v in parts.items()], dim=-1))
+        normed = torch.cat([projector["norms"][k](v) for k, v in parts.items()], dim=-1)
+        return self.multimodal_weight * projector["mlp"](normed)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """[U] item ids -> [U, hidden_size]; callers pass distinct ids so each item is encoded once."""

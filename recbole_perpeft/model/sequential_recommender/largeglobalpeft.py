@@ -14,10 +14,11 @@ from recbole_perpeft.adapters.registry import get_adapter_family, option, positi
 from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
 
 
-def projector_size(in_dims: dict, width: int, hidden: int) -> int:
-    """Parameters of ItemTower's projector: per-modality LayerNorms, Linear(sum(in), width), Linear(width, hidden)."""
+def projector_size(in_dims: dict, width: int, hidden: int, output_norm: bool = False) -> int:
+    """Parameters of ItemTower's projector: per-modality LayerNorms, Linear(sum(in), width), Linear(width, hidden)
+    and, with ``projector_output_norm``, a LayerNorm(hidden)."""
     total_in = sum(in_dims.values())
-    return 2 * total_in + (total_in + 1) * width + (width + 1) * hidden
+    return 2 * total_in + (total_in + 1) * width + (width + 1) * hidden + (2 * hidden if output_norm else 0)
 
 
 def scaled_config(config, factor: int):
@@ -59,5 +60,6 @@ class LargeGlobalPEFT(GlobalPEFT):
         shared = own - own_adapter - own_projector
         base_adapter = tower.family.base_parameter_count(config, groups)
         in_dims = {part: norm.normalized_shape[0] for part, norm in tower.projector["norms"].items()}
-        base_projector = projector_size(in_dims, self.scaled["projector_hidden_size"][0], config["hidden_size"])
+        base_projector = projector_size(in_dims, self.scaled["projector_hidden_size"][0], config["hidden_size"],
+                                        bool(option(config, "projector_output_norm", False)))  # fmt: skip
         return {"own": own, "perpeft_equivalent": shared + groups * (base_adapter + base_projector)}
