@@ -103,7 +103,8 @@ def train_and_evaluate(config, model_class, train_data, valid_data, test_data, s
             "eval": time() - start,
             "per_epoch": getattr(trainer, "epoch_seconds", None),
         },
-        "checkpoint": trainer.saved_model_file if saved else None,
+        # absolute, so the result file still points at it when read from another directory
+        "checkpoint": os.path.abspath(trainer.saved_model_file) if saved else None,
     }
     extra = getattr(trainer, "extra_result", {})
     if "seconds" in extra:

@@ -101,8 +101,8 @@ class TwoStageTrainer(PEFTTrainer):
             "groups": {"method": groups.method, "n_groups": groups.n_groups, "sizes": groups.sizes()},
             "trainable_parameters": parameters,
             "seconds": dict(self.seconds),
-            "global_checkpoint": self.global_checkpoint,
-            "groups_file": groups_file(self.saved_model_file),
+            "global_checkpoint": self.global_checkpoint and os.path.abspath(self.global_checkpoint),
+            "groups_file": os.path.abspath(groups_file(self.saved_model_file)),
             "weight_decay_tuning": self.tuning,
         }
 

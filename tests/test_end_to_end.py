@@ -65,7 +65,7 @@ def test_command_line_run_writes_result_json(model, tmp_path, config_file):
     result_file = tmp_path / "out" / "result.json"
     proc = run_script(
         [f"--model={model}", f"--dataset={DATASET}", f"--config_files={config_file}", "--epochs=1",
-         f"--result_file={result_file}"],
+         f"--result_file={result_file}", "--checkpoint_dir=saved"],  # relative: the result says where, absolute
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -89,7 +89,7 @@ def test_command_line_run_writes_result_json(model, tmp_path, config_file):
     assert counts["total"] == sum(v for k, v in counts.items() if k not in ("total", "foundation_model_frozen"))
 
     checkpoint = torch.load(result["checkpoint"], weights_only=True)
-    assert Path(result["checkpoint"]).parent == tmp_path / "saved"
+    assert Path(result["checkpoint"]).is_absolute() and Path(result["checkpoint"]).parent == tmp_path / "saved"
     assert checkpoint["epoch"] == 0 and checkpoint["config"]["model"] == model
     if model == "GlobalPEFT":  # trained adapters in, frozen foundation weights out
         keys = [k for k in checkpoint["state_dict"] if k.startswith("item_tower.foundation.")]
