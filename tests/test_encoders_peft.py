@@ -427,6 +427,28 @@ def test_official_item_vector_mix_scales_a_normalised_projection(make_config):
         build_model("FrozenMM", DATASET, make_config("clip", multimodal_weight="half"))
 
 
+def test_item_id_norm_penalty_adds_the_tables_norm_to_the_loss(make_config):
+    # The official code's l2_emb: weight x ||item ID table|| (Frobenius, not squared) in every step's loss.
+    _, plain, train_data, _, _ = build_model("FrozenMM", DATASET, make_config("clip"), seed=1)
+    _, model, _, _, _ = build_model("FrozenMM", DATASET, make_config("clip", item_id_norm_penalty=0.5), seed=1)
+    assert plain.item_id_norm_penalty == 0 and model.item_id_norm_penalty == 0.5
+    plain.eval(), model.eval()  # no dropout: the two losses differ by the penalty alone
+    batch = next(iter(train_data))
+    with torch.no_grad():
+        expected = plain.calculate_loss(batch) + 0.5 * model.item_id_embedding.weight.norm()
+    loss = model.calculate_loss(batch)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    plain.calculate_loss(batch).backward()
+    weight = model.item_id_embedding.weight
+    # every row gets the penalty's gradient, rows no position of the batch used included
+    added = weight.grad - plain.item_id_embedding.weight.grad
+    torch.testing.assert_close(added, 0.5 * weight.detach() / weight.detach().norm())
+    for bad in (-1e-6, "small"):
+        with pytest.raises(ValueError, match="item_id_norm_penalty must be a number >= 0"):
+            build_model("FrozenMM", DATASET, make_config("clip", item_id_norm_penalty=bad))
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 
 

@@ -140,6 +140,27 @@ def test_fp32_holds_under_an_outer_autocast():
             assert (a @ b).dtype == torch.bfloat16
 
 
+def test_cpu_bf16_attention_avoids_the_slow_flash_kernel():
+    """torch's CPU flash-attention backward is several times slower in bf16 than in fp32; under bf16 the
+    adapted path's attention runs on the math backend, with the same result within bf16 rounding."""
+    q, k, v = (torch.randn(2, 4, 8, 16, requires_grad=True) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with Precision("bf16").autocast("cpu"):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert "Flash" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    with torch.no_grad(), Precision("bf16").autocast("cpu"):  # inference: the flash forward is the fast one
+        assert torch.backends.cuda.flash_sdp_enabled()  # (torch's backend switches, CPU included)
+    with Precision("bf16").autocast("cpu"):
+        assert not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    with Precision("fp32").autocast("cpu"):  # fp32 keeps torch's own choice (flash is the fast one there)
+        assert "Flash" in type(torch.nn.functional.scaled_dot_product_attention(q, k, v).grad_fn).__name__
+
+
 # --- bf16 on the adapted path only ------------------------------------------------------------------------
 
 

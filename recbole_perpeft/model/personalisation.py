@@ -157,7 +157,8 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
         mask = targets > 0
         neg = self.align(emb[2], lengths)[mask] if len(emb) == 3 else None
         triples = Triples(user=output[mask], pos=self.align(emb[1], lengths)[mask], neg=neg, pos_items=targets[mask])
-        return self.recommendation_loss(triples, items, vectors, negatives()) + self.cmsa_weight * alignment
+        loss = self.recommendation_loss(triples, items, vectors, negatives()) + self.cmsa_weight * alignment
+        return loss + self.id_norm_loss()
 
     # --- accounting ----------------------------------------------------------------------------------------
 

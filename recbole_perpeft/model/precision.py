@@ -18,9 +18,17 @@ import contextlib
 from logging import getLogger
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch's CPU flash-attention kernel is slow in bf16: its backward took 34 ms a call against 4 ms in fp32 on
+# MiniLM's shapes (16 users' titles, AVX512-BF16), 41% of a bf16 step, so the bf16 epoch was 0.77x fp32's
+# where the matmuls alone give 0.5x. The math backend (matmul + softmax, bf16 matmuls) does the same work at
+# about fp32 flash's cost. Without gradients (item tables) the flash forward is the faster one and is kept.
+# Only the adapted encoders' forward runs inside this context (the recommender's attention is RecBole's
+# matmul code).
+CPU_BF16_ATTENTION = [SDPBackend.MATH]
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX; "bf16": aarch64's feature flag
 
 
@@ -103,6 +111,11 @@ class Precision:
             return contextlib.nullcontext()
         if self.name == "fp32":
             return torch.autocast(device_type, enabled=False)
+        if device_type == "cpu" and self.name == "bf16" and torch.is_grad_enabled():
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.autocast(device_type, dtype=self.dtype))
+            stack.enter_context(sdpa_kernel(CPU_BF16_ATTENTION))
+            return stack
         return torch.autocast(device_type, dtype=self.dtype)
 
     def __repr__(self) -> str:

@@ -77,6 +77,27 @@ class GlobalPEFT(SequentialRecommender):
             self.register_buffer("log_popularity", log_pop, persistent=False)
         self.cmsa_weight = float(config["cmsa_weight"])
         self.alignment = self._build_alignment(config) if self.cmsa_weight > 0 else None
+        self.item_id_norm_penalty = self._penalty(config)
+
+    def _penalty(self, config) -> float:
+        value = config["item_id_norm_penalty"] if "item_id_norm_penalty" in config else 0.0
+        try:
+            value = float(value or 0.0)
+        except (TypeError, ValueError):
+            value = -1.0
+        if not value >= 0:  # also refuses NaN
+            raise ValueError(f"item_id_norm_penalty must be a number >= 0 (the weight of the item ID table's norm in "
+                             f"the loss; the official code's l2_emb is 1e-6), got {config['item_id_norm_penalty']!r}.")
+        return value
+
+    def id_norm_loss(self) -> torch.Tensor | float:
+        """``item_id_norm_penalty`` x the Frobenius norm (not squared) of the trainable item ID table: the
+        official code's ``l2_emb`` term, added to every step's loss. Tiny as a loss, but Adam scales each
+        coordinate's update by its own gradient history, so rows that seldom get a recommendation gradient
+        still shrink: only a run tells whether it matters."""
+        if not self.item_id_norm_penalty:
+            return 0.0
+        return self.item_id_norm_penalty * self.item_id_embedding.weight.norm()
 
     @classmethod
     def training_loader(cls, config, dataset, sampler, group_of_user=None, shuffle=True):
@@ -186,7 +207,7 @@ class GlobalPEFT(SequentialRecommender):
         triples = self.backbone.triples(interaction, items, vectors, own)
         # LightGCN scores the shared negatives in its propagated table (item_space); SASRec as encoded.
         loss = self.recommendation_loss(triples, items, vectors, negatives(triples.item_space)) + triples.extra_loss
-        return loss + self.cmsa_weight * alignment
+        return loss + self.cmsa_weight * alignment + self.id_norm_loss()
 
     def recommendation_loss(self, triples, items, vectors, shared: SharedNegatives | None = None) -> torch.Tensor:
         """``loss_type`` over the backbone's (user, positive, negative) triples; ``items``/``vectors``
