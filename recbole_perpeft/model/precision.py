@@ -90,6 +90,12 @@ def resolve_precision(value, device=None) -> str:
     return requested
 
 
+@contextlib.contextmanager
+def _cpu_bf16_training(dtype):
+    with torch.autocast("cpu", dtype=dtype), sdpa_kernel(CPU_BF16_ATTENTION):
+        yield
+
+
 class Precision:
     """A resolved precision: :meth:`autocast` wraps the adapted encoders' forward."""
 
@@ -112,10 +118,7 @@ class Precision:
         if self.name == "fp32":
             return torch.autocast(device_type, enabled=False)
         if device_type == "cpu" and self.name == "bf16" and torch.is_grad_enabled():
-            stack = contextlib.ExitStack()
-            stack.enter_context(torch.autocast(device_type, dtype=self.dtype))
-            stack.enter_context(sdpa_kernel(CPU_BF16_ATTENTION))
-            return stack
+            return _cpu_bf16_training(self.dtype)
         return torch.autocast(device_type, dtype=self.dtype)
 
     def __repr__(self) -> str:
