@@ -143,7 +143,9 @@ def test_withheld_images_equal_absent_files_in_every_family(tmp_path, data, mode
     _, reference, *_ = build_model(model_name, DATASET, absent_keys)
     assert torch.equal(reference.item_tower.has_image, tower.has_image)
     model.eval(), reference.eval()
-    torch.testing.assert_close(model.item_table(), reference.item_table())
+    # Float noise only: the withheld run's caches encode all 24 images, the reference's the 12 files left, so
+    # their encoder batches differ in size and BLAS blocks them differently (seen at 2.4e-5 with one thread).
+    torch.testing.assert_close(model.item_table(), reference.item_table(), atol=1e-4, rtol=1e-4)
     # It trains: one step, finite loss, the image placeholder (used by the withheld items) gets a gradient.
     model.train()
     batch = next(iter(train_data))
