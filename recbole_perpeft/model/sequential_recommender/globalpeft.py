@@ -23,6 +23,7 @@ from recbole.utils import InputType
 from torch import nn
 from tqdm import tqdm
 
+from recbole_perpeft.adapters.registry import option
 from recbole_perpeft.data.dataloader import SAMPLED_SOFTMAX, SHARED_NEG_LOG_Q, SHARED_NEGATIVES
 from recbole_perpeft.model.backbones import build_backbone, get_backbone
 from recbole_perpeft.model.item_tower import ItemTower
@@ -79,16 +80,13 @@ class GlobalPEFT(SequentialRecommender):
         self.alignment = self._build_alignment(config) if self.cmsa_weight > 0 else None
         self.item_id_norm_penalty = self._penalty(config)
 
-    def _penalty(self, config) -> float:
-        value = config["item_id_norm_penalty"] if "item_id_norm_penalty" in config else 0.0
-        try:
-            value = float(value or 0.0)
-        except (TypeError, ValueError):
-            value = -1.0
-        if not value >= 0:  # also refuses NaN
+    @staticmethod
+    def _penalty(config) -> float:
+        value = option(config, "item_id_norm_penalty", 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # NaN fails >= 0
             raise ValueError(f"item_id_norm_penalty must be a number >= 0 (the weight of the item ID table's norm in "
-                             f"the loss; the official code's l2_emb is 1e-6), got {config['item_id_norm_penalty']!r}.")
-        return value
+                             f"the loss; the official code's l2_emb is 1e-6), got {value!r}.")
+        return float(value)
 
     def id_norm_loss(self) -> torch.Tensor | float:
         """``item_id_norm_penalty`` x the Frobenius norm (not squared) of the trainable item ID table: the
