@@ -95,3 +95,42 @@ def test_a_whole_run_with_all_windows_and_sampled_softmax(toy_dataset, base_conf
     assert parameters["total"] == parameters["item_id_embedding"] + parameters["backbone"]
     state = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
     assert {key.split(".")[0] for key in state} == {"item_id_embedding", "backbone"}
+
+
+# --- loss_positions: last (RecBole SASRec's one target per training sequence) -----------------------------
+
+
+def test_last_target_only_keeps_each_rows_final_target():
+    from recbole_perpeft.model.backbones.sasrec import last_target_only
+
+    target = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor([[0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(last_target_only(target), expected)
+
+
+def test_loss_positions_last_scores_one_target_per_window_and_trains(toy_dataset, toy_config):
+    from recbole_perpeft.data.dataloader import TARGET_LIST
+
+    _, model, train_data, *_ = build(toy_dataset, toy_config, loss_positions="last", loss_type="SAMPLED_SOFTMAX")
+    batch = next(iter(train_data))
+    items, vectors, _, own, _ = model.encode_batch(model.backbone.batch_items(batch), batch)
+    triples = model.backbone.triples(batch, items, vectors, own)
+    targets = batch[TARGET_LIST]
+    last = targets.gather(1, ((targets > 0).sum(1) - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    assert torch.equal(triples.pos_items, last[last > 0])  # the window's last next item, one per window
+    _, every, *_ = build(toy_dataset, toy_config, loss_type="SAMPLED_SOFTMAX")  # default: every position
+    assert len(every.backbone.triples(batch, items, vectors, own).pos_items) == int((targets > 0).sum())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_loss_positions_refuses_an_unknown_value_naming_the_key(toy_dataset, toy_config):
+    with pytest.raises(ValueError, match="loss_positions"):
+        build(toy_dataset, toy_config, loss_positions="first")

@@ -50,6 +50,18 @@ def training_histories(train_dataset, max_len: int) -> tuple[torch.Tensor, torch
     return users[train_dataset.uid_field], histories, n_full.clamp(max=max_len)
 
 
+LOSS_POSITIONS = ("all", "last")
+
+
+def last_target_only(target: torch.Tensor) -> torch.Tensor:
+    """[B, L] target mask -> the same mask with only each row's last target kept (rows without one stay
+    empty): RecBole SASRec's one target per training sequence."""
+    last = target.long().cumsum(1).argmax(1)  # the first position of the row's final count: its last target
+    only = torch.zeros_like(target)
+    only[torch.arange(target.shape[0], device=target.device), last] = True
+    return target & only
+
+
 @register_backbone("SASRec")
 class SASRecBackbone(Backbone):
     def __init__(self, config, dataset):
@@ -58,6 +70,10 @@ class SASRecBackbone(Backbone):
         self.ITEM_SEQ_LEN = config["ITEM_LIST_LENGTH_FIELD"]
         self.max_seq_length = config["MAX_ITEM_LIST_LENGTH"]
         self.initializer_range = config["initializer_range"]
+        self.loss_positions = str(config["loss_positions"] or "all").lower()
+        if self.loss_positions not in LOSS_POSITIONS:
+            raise ValueError(f"loss_positions must be one of {', '.join(LOSS_POSITIONS)}, got "
+                             f"{config['loss_positions']!r} (properties/model/GlobalPEFT.yaml).")  # fmt: skip
         self.encoder = SASRecEncoder(config, self.max_seq_length)
         self.encoder.apply(self._init_weights)
 
@@ -84,6 +100,8 @@ class SASRecBackbone(Backbone):
         emb = vectors[inverse]  # [3, B, L, H] (or [2, B, L, H])
         output = self.encode(emb[0], seq)
         target = pos > 0  # positions with a next item (the rest is padding)
+        if self.loss_positions == "last":
+            target = last_target_only(target)
         neg = emb[2][target] if len(emb) > 2 else None
         return Triples(user=output[target], pos=emb[1][target], neg=neg, pos_items=pos[target])
 
