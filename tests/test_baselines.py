@@ -510,3 +510,27 @@ def test_shared_group_peft_continues_the_global_model_on_group_batches_with_grou
     adapters = [k for k in state if "lora_" in k]
     assert adapters and any(not torch.equal(state[k], global_state[k]) for k in adapters)
     assert not any(".group" in k for k in adapters)
+
+
+@pytest.mark.parametrize("name", PERSONAL_MODELS)
+def test_loss_positions_last_reaches_the_personalisation_baselines(env, name):
+    """``loss_positions: last`` is SASRec's backbone mask; the baselines lay targets out their own way and
+    must read the same mask (else a Table 2 run with it trains them on every position, unequally)."""
+    batch = train_batch(env, model_config(env, name))
+    pos = batch["target_item_list"]
+    counts = {}
+    for positions in ("all", "last"):
+        model = build(env, name, loss_positions=positions)
+        seen = []
+        original = model.recommendation_loss
+        def spy(triples, *args, seen=seen, original=original):
+            seen.append(triples)
+            return original(triples, *args)
+
+        model.recommendation_loss = spy
+        assert torch.isfinite(model.calculate_loss(batch))
+        counts[positions] = len(seen[0].pos_items)
+        if positions == "last":  # one target per sequence: its last next item
+            last = pos.gather(1, ((pos > 0).sum(1) - 1).unsqueeze(1)).squeeze(1)
+            assert torch.equal(seen[0].pos_items, last)
+    assert counts["last"] == len(pos) < counts["all"]

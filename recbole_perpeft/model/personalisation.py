@@ -154,7 +154,7 @@ class PersonalisedGlobalPEFT(GlobalPEFT):
         personal = self.personal_vectors(interaction[self.USER_ID])
         output = self.encode_personalised(emb[0], seq, lengths, personal)
         targets = self.align(pos, lengths)
-        mask = targets > 0
+        mask = self.backbone.target_mask(targets)  # loss_positions, as GlobalPEFT's
         neg = self.align(emb[2], lengths)[mask] if len(emb) == 3 else None
         triples = Triples(user=output[mask], pos=self.align(emb[1], lengths)[mask], neg=neg, pos_items=targets[mask])
         loss = self.recommendation_loss(triples, items, vectors, negatives()) + self.cmsa_weight * alignment

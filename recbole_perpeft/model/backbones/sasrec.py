@@ -99,11 +99,15 @@ class SASRecBackbone(Backbone):
         seq, pos = interaction[self.ITEM_SEQ], interaction[TARGET_LIST]
         emb = vectors[inverse]  # [3, B, L, H] (or [2, B, L, H])
         output = self.encode(emb[0], seq)
-        target = pos > 0  # positions with a next item (the rest is padding)
-        if self.loss_positions == "last":
-            target = last_target_only(target)
+        target = self.target_mask(pos)
         neg = emb[2][target] if len(emb) > 2 else None
         return Triples(user=output[target], pos=emb[1][target], neg=neg, pos_items=pos[target])
+
+    def target_mask(self, targets: torch.Tensor) -> torch.Tensor:
+        """[B, L] next items (0: padding) -> the positions the loss reads (``loss_positions``). The
+        personalisation baselines, which lay targets out their own way, call it too."""
+        target = targets > 0
+        return last_target_only(target) if self.loss_positions == "last" else target
 
     # --- the encoder -----------------------------------------------------------------------------------
 
