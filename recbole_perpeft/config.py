@@ -19,6 +19,7 @@ import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_perpeft.compat import check_environment, init_distributed_device
+from recbole_perpeft.config_values import choice
 from recbole_perpeft.model.precision import PRECISIONS
 from recbole_perpeft.property_files import PROPERTIES_DIR
 from recbole_perpeft.utils import get_model
@@ -174,8 +175,8 @@ class Config(RecBoleConfig):
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
             raise ValueError(f"user_sample_ratio must be a number in (0, 1], got {ratio!r}.")
         precision = cfg.get("precision")  # the device-dependent part (fp16 on a CPU) is the item tower's
-        if precision is not None and str(precision).lower() not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        if precision is not None:
+            choice(str(precision).lower(), PRECISIONS, "precision", given=precision)
         modalities = cfg.get("modalities")
         if modalities is not None:
             if isinstance(modalities, str):

@@ -23,6 +23,8 @@ from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
 
+from recbole_perpeft.config_values import choice
+
 METHODS = ("kmeans", "gmm", "random")
 # Soft assignment: the rule each grouping method assigns by (random groups have no geometry to weigh by).
 SOFT_WEIGHTINGS = {"kmeans": "distance", "gmm": "posterior"}
@@ -156,8 +158,7 @@ class UserGroups:
 def check_grouping(n_groups, method: str, n_users: int) -> None:
     """The grouping settings against the users to group: checked before stage 1 trains, and again at
     the grouping itself."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown grouping_method {method!r}; expected one of {', '.join(METHODS)}.")
+    choice(method, METHODS, "grouping_method")
     if isinstance(n_groups, bool) or not isinstance(n_groups, int) or not 1 <= n_groups <= n_users:
         raise ValueError(
             f"n_groups={n_groups} is invalid for {n_users} users with interest vectors: "

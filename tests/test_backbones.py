@@ -72,6 +72,18 @@ def test_registry_finds_builtins_and_names_the_known_ones(monkeypatch):
     assert isinstance(build_backbone(hand_lightgcn().config, hand_dataset()), LightGCNBackbone)
 
 
+def test_lightgcn_refuses_loss_positions_last_naming_the_key():
+    """loss_positions restricts SASRec's window targets; LightGCN has none, so a 'last' would be silently
+    ignored and a table row mislabelled."""
+    hand_lightgcn()  # loss_positions absent (None): the default
+    config = FakeConfig(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", hidden_size=3, initializer_range=0.5,
+                        n_gcn_layers=1, reg_weight=0.0, backbone="LightGCN", loss_positions="last")  # fmt: skip
+    with pytest.raises(ValueError, match="loss_positions='last' applies to the SASRec backbone"):
+        LightGCNBackbone(config, hand_dataset())
+    config["loss_positions"] = "all"
+    assert LightGCNBackbone(config, hand_dataset()).n_layers == 1
+
+
 def test_adjacency_is_the_symmetric_normalisation_of_distinct_training_pairs():
     users, items = training_pairs(hand_dataset())
     expected = [(u, i) for u, seq in HAND_HISTORY.items() for i in sorted(seq)]

@@ -20,6 +20,7 @@ from torch import nn
 
 from recbole_perpeft.adapters.registry import register_adapter_family
 from recbole_perpeft.adapters.side_network import Bottleneck, SideNetwork, SideNetworkFamily
+from recbole_perpeft.config_values import choice
 
 FUSIONS = ("momef", "dynamic", "static", "concat")
 
@@ -42,9 +43,7 @@ class CROSSAN(SideNetwork):
         )
         # logits[t][i]: weights of the M previous outputs, then of t's own frozen state.
         self.mix_logits = nn.ParameterDict({m: nn.Parameter(torch.zeros(n, len(mods) + 1)) for m in mods})
-        self.fusion = self.settings["crossan_fusion"]
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"crossan_fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}.")
+        self.fusion = choice(self.settings["crossan_fusion"], FUSIONS, "crossan_fusion")
         if self.fusion == "concat":
             self.out_dims = {f"tower_{m}": self.side_width for m in mods}
             return

@@ -19,6 +19,8 @@ from pathlib import Path
 import yaml
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
+from recbole_perpeft.config_values import option, positive_int
+
 __all__ = [
     "ADAPTER_FAMILIES", "FROZEN", "adapter_family_names", "family_defaults", "family_settings",
     "get_adapter_family", "option", "positive_int", "register_adapter_family",
@@ -111,20 +113,6 @@ def _yaml_defaults(name: str) -> dict:
 def family_defaults(name: str) -> dict:
     """The default config keys of family ``name`` (a deep copy: callers may change it)."""
     return yaml.safe_load(yaml.safe_dump(_yaml_defaults(_key(name))))  # cheap deep copy of plain data
-
-
-def option(config, key: str, default=None):
-    """``config[key]``, or ``default`` when the config lacks the key or holds ``~`` there (never for a
-    0 or False: those are values). Works on RecBole Configs and plain dicts."""
-    value = config[key] if key in config else None
-    return default if value is None else value
-
-
-def positive_int(value, key: str) -> int:
-    """``value``, refused unless a positive int (a 0 is a mistake to report, not "use the default")."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}.")
-    return value
 
 
 def _from_property_file(config, key: str) -> bool:

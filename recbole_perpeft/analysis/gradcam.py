@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from recbole_perpeft.analysis.loading import activated, adapter_names
+from recbole_perpeft.config_values import choice
 
 TARGETS = ("users", "self")
 
@@ -146,8 +147,7 @@ def group_gradcam(
     model, item: int, user_means: dict | None = None, target: str = "users", n_groups: int | None = None
 ) -> GroupCams:
     """Grad-CAM of one item (internal id, with an image) under the global adapter and every group's."""
-    if target not in TARGETS:
-        raise ValueError(f"gradcam target must be one of {TARGETS}, got {target!r}.")
+    choice(target, TARGETS, "gradcam target")
     if target == "users" and user_means is None:
         raise ValueError("target 'users' needs the groups' mean user vectors (group_user_means).")
     tower = model.item_tower

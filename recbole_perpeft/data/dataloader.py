@@ -24,6 +24,8 @@ from recbole.data.interaction import Interaction
 from recbole.data.transform import construct_transform
 from recbole.utils import ModelType
 
+from recbole_perpeft.config_values import choice
+
 TARGET_LIST = "target_item_list"
 NEG_LIST = "neg_item_list"
 GROUP_ID = "group_id"
@@ -98,10 +100,9 @@ def user_sequences(dataset) -> Interaction:
 
 def training_windows(config, dataset) -> Interaction:
     """The windows an epoch trains on (``train_windows``, ``train_window_stride``), as :func:`sequences_of_rows`."""
-    mode = str(config["train_windows"] or "last").lower()
-    if mode not in TRAIN_WINDOWS:
-        raise ValueError(f"train_windows must be one of {', '.join(TRAIN_WINDOWS)}, got {config['train_windows']!r} "
-                         "(last: each user's last MAX_ITEM_LIST_LENGTH training items; all: every window).")
+    mode = choice(str(config["train_windows"] or "last").lower(), TRAIN_WINDOWS, "train_windows",
+                  "(last: each user's last MAX_ITEM_LIST_LENGTH training items; all: every window)",
+                  given=config["train_windows"])  # fmt: skip
     if mode == "last":
         return user_sequences(dataset)
     stride = config["train_window_stride"]

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from recbole_perpeft.config_values import choice
 from recbole_perpeft.data.amazon import preprocess, read_image_urls
 from recbole_perpeft.data.amazon_download import DEFAULT_BASE_URLS, DatasetUnavailableError, fetch_raw_files
 from recbole_perpeft.data.images import download_images
@@ -64,8 +65,8 @@ def options_from_config(config: Mapping, folder: Path) -> PrepareOptions:
         return default if value is None else value
 
     category, layout = get("amazon_category"), get("raw_layout")
-    if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"raw_layout must be one of {list(LAYOUTS)}, got {layout!r}.")
+    if layout is not None:
+        choice(layout, LAYOUTS, "raw_layout")
     ratio = float(get("raw_user_sample_ratio", 1.0))
     if not 0 < ratio <= 1:
         raise ValueError(f"raw_user_sample_ratio must be a number in (0, 1], got {ratio!r}.")

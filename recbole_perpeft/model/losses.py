@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_perpeft.config_values import choice
+
 VARIANTS = ("cmsa", "infonce")
 # Range the learnable temperature is clamped to when used: below 0.01 (CLIP's logit-scale cap of
 # 100) the softmaxes saturate and gradients explode; above 1 cosine logits in [-1, 1] are too flat.
@@ -85,8 +87,7 @@ class CrossModalAlignment(nn.Module):
             raise ValueError(f"align_dim must be positive, got {align_dim}.")
         if not TAU_MIN <= temperature <= TAU_MAX:
             raise ValueError(f"temperature must lie in [{TAU_MIN}, {TAU_MAX}], got {temperature}.")
-        if variant not in VARIANTS:
-            raise ValueError(f"Unknown alignment variant {variant!r}; expected one of {VARIANTS}.")
+        choice(variant, VARIANTS, "alignment variant")
         self.modalities = tuple(dims)
         self.variant = variant
         self.heads = nn.ModuleDict({name: nn.Linear(width, align_dim) for name, width in dims.items()})

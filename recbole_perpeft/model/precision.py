@@ -20,6 +20,8 @@ from logging import getLogger
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from recbole_perpeft.config_values import choice
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch's CPU flash-attention kernel is slow in bf16: its backward took 34 ms a call against 4 ms in fp32 on
@@ -74,8 +76,7 @@ def resolve_precision(value, device=None) -> str:
     """``precision`` for a run on ``device`` (a torch.device or a string; None: CPU) -> fp32 | bf16 | fp16.
     ValueError naming the key and the allowed values for anything else."""
     requested = "auto" if value is None else str(value).strip().lower()
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}.")
+    choice(requested, PRECISIONS, "precision", given=value)
     device_type = _device_type(device)
     if requested == "auto":
         return "bf16" if device_has_bf16(device_type) else "fp32"

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from recbole_perpeft.compare import Row, aggregate, is_grouped, resolve_seeds, run_rows, summarise
+from recbole_perpeft.config_values import choice
 from recbole_perpeft.reproduce.paper import load_paper, paper_note, paper_rows
 from recbole_perpeft.reproduce.report import bar_chart, line_chart, render_document
 from recbole_perpeft.reproduce.tables import (
@@ -108,9 +109,7 @@ def reproduce(table, dataset: str, peft=DEFAULT_PEFT, seeds=DEFAULT_SEEDS, resul
     tables); ``paper`` replaces the paper's numbers (paper_tables.yaml); ``only`` (row names as the table prints
     them, e.g. ['w/o MM', 'GlobalPEFT', 'PerPEFT']) runs and reports those rows alone: the cheap part of a table
     first, its runs reused when the whole table runs later."""
-    table = str(table)
-    if table not in TABLES:
-        raise ValueError(f"--table must be one of {', '.join(TABLES)}, got {table!r}.")
+    table = choice(str(table), TABLES, "--table")
     overrides = dict(overrides or {})
     if "peft_type" in overrides:
         raise ValueError("--peft_type: a table sets the PEFT type of each row; choose them with --peft=LORA,IA3,...")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recbole_perpeft.compare import Row
+from recbole_perpeft.config_values import choice
 
 TABLES = ("2", "3", "missing")
 DEFAULT_PEFT = ("LORA", "IA3", "IISAN")
@@ -92,9 +93,7 @@ def missing(peft: str) -> list[Entry]:
 
 def table_entries(table: str, peft_types) -> list[Entry]:
     """The entries of ``table`` ('2', '3', 'missing'); Table 3 and missing use the first PEFT type."""
-    table = str(table)
-    if table not in TABLES:
-        raise ValueError(f"--table must be one of {', '.join(TABLES)}, got {table!r}.")
+    table = choice(str(table), TABLES, "--table")
     peft_types = parse_peft(peft_types)
     if table == "2":
         return table2(peft_types)

@@ -57,6 +57,12 @@ class LightGCNBackbone(Backbone):
         self.reg_weight = float(backbone_setting(config, NAME, "reg_weight") or 0.0)
         if self.n_layers < 0:
             raise ValueError(f"n_gcn_layers must be >= 0, got {self.n_layers}.")
+        # A SASRec-window key asked for here would be ignored, and a table row would carry a setting it did
+        # not train with: refused (the default, all, is what LightGCN's pairs are anyway).
+        if str(config["loss_positions"] or "all").lower() != "all":
+            raise ValueError(f"loss_positions={config['loss_positions']!r} applies to the SASRec backbone's windows; "
+                             "LightGCN trains on every (user, training item) pair. Drop the key for backbone: "
+                             "LightGCN.")  # fmt: skip
         self.user_embedding = nn.Embedding(self.n_users, config["hidden_size"], padding_idx=0)
         # The scale of the item ID embeddings (GlobalPEFT's normal(0, initializer_range)), so that users
         # and items start alike in the layer-0 mix.

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from recbole_perpeft.config_values import choice
 from recbole_perpeft.data.dataloader import (
     NEG_LIST,
     TARGET_LIST,
@@ -70,10 +71,9 @@ class SASRecBackbone(Backbone):
         self.ITEM_SEQ_LEN = config["ITEM_LIST_LENGTH_FIELD"]
         self.max_seq_length = config["MAX_ITEM_LIST_LENGTH"]
         self.initializer_range = config["initializer_range"]
-        self.loss_positions = str(config["loss_positions"] or "all").lower()
-        if self.loss_positions not in LOSS_POSITIONS:
-            raise ValueError(f"loss_positions must be one of {', '.join(LOSS_POSITIONS)}, got "
-                             f"{config['loss_positions']!r} (properties/model/GlobalPEFT.yaml).")  # fmt: skip
+        positions = str(config["loss_positions"] or "all").lower()
+        self.loss_positions = choice(positions, LOSS_POSITIONS, "loss_positions", "(properties/model/GlobalPEFT.yaml)",
+                                     given=config["loss_positions"])  # fmt: skip
         self.encoder = SASRecEncoder(config, self.max_seq_length)
         self.encoder.apply(self._init_weights)
 

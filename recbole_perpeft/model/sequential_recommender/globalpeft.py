@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from recbole_perpeft.adapters.registry import option
+from recbole_perpeft.config_values import choice
 from recbole_perpeft.data.dataloader import SAMPLED_SOFTMAX, SHARED_NEG_LOG_Q, SHARED_NEGATIVES
 from recbole_perpeft.model.backbones import build_backbone, get_backbone
 from recbole_perpeft.model.item_tower import ItemTower
@@ -55,13 +56,13 @@ class GlobalPEFT(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         # Checked before anything is built (the item tower may load a foundation model and build caches).
-        self.loss_type = str(config["loss_type"]).upper()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"{type(self).__name__}: loss_type must be one of {', '.join(LOSS_TYPES)}, got "
-                             f"{config['loss_type']!r} (BCE: Eq. 1 with a sampled negative; BPR: the pairwise "
-                             "log-sigmoid; INBATCH: in-batch cross-entropy with popularity correction; "
-                             "SAMPLED_SOFTMAX: cross-entropy over the positive and sampled_softmax_negatives "
-                             "negatives shared by the batch).")
+        self.loss_type = choice(
+            str(config["loss_type"]).upper(), LOSS_TYPES, f"{type(self).__name__}: loss_type",
+            given=config["loss_type"],
+            hint="(BCE: Eq. 1 with a sampled negative; BPR: the pairwise log-sigmoid; INBATCH: in-batch "
+            "cross-entropy with popularity correction; SAMPLED_SOFTMAX: cross-entropy over the positive and "
+            "sampled_softmax_negatives negatives shared by the batch)",
+        )
         self.initializer_range = config["initializer_range"]
         self.show_progress = bool(config["show_progress"])
         self.item_id_embedding = nn.Embedding(self.n_items, config["hidden_size"], padding_idx=0)
