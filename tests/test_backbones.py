@@ -72,15 +72,16 @@ def test_registry_finds_builtins_and_names_the_known_ones(monkeypatch):
     assert isinstance(build_backbone(hand_lightgcn().config, hand_dataset()), LightGCNBackbone)
 
 
-def test_lightgcn_refuses_loss_positions_last_naming_the_key():
-    """loss_positions restricts SASRec's window targets; LightGCN has none, so a 'last' would be silently
-    ignored and a table row mislabelled."""
-    hand_lightgcn()  # loss_positions absent (None): the default
+@pytest.mark.parametrize("key,asked,neutral", [("loss_positions", "last", "all"), ("train_windows", "all", "last")])
+def test_lightgcn_refuses_sasrec_window_keys_naming_the_key(key, asked, neutral):
+    """loss_positions and train_windows shape SASRec's windows; LightGCN has none, so a non-default value
+    would be silently ignored and a table row mislabelled."""
+    hand_lightgcn()  # keys absent (None): the defaults
     config = FakeConfig(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", hidden_size=3, initializer_range=0.5,
-                        n_gcn_layers=1, reg_weight=0.0, backbone="LightGCN", loss_positions="last")  # fmt: skip
-    with pytest.raises(ValueError, match="loss_positions='last' applies to the SASRec backbone"):
+                        n_gcn_layers=1, reg_weight=0.0, backbone="LightGCN", **{key: asked})  # fmt: skip
+    with pytest.raises(ValueError, match=f"{key}='{asked}' applies to the SASRec backbone"):
         LightGCNBackbone(config, hand_dataset())
-    config["loss_positions"] = "all"
+    config[key] = neutral
     assert LightGCNBackbone(config, hand_dataset()).n_layers == 1
 
 

@@ -47,6 +47,10 @@ def normalized_adjacency(users: np.ndarray, items: np.ndarray, n_users: int, n_i
                                    check_invariants=True).coalesce()  # fmt: skip
 
 
+# SASRec window keys -> the value that means nothing to LightGCN (what its pairs are anyway).
+SASREC_ONLY_KEYS = {"loss_positions": "all", "train_windows": "last"}
+
+
 @register_backbone(NAME)
 class LightGCNBackbone(Backbone):
     def __init__(self, config, dataset):
@@ -58,11 +62,12 @@ class LightGCNBackbone(Backbone):
         if self.n_layers < 0:
             raise ValueError(f"n_gcn_layers must be >= 0, got {self.n_layers}.")
         # A SASRec-window key asked for here would be ignored, and a table row would carry a setting it did
-        # not train with: refused (the default, all, is what LightGCN's pairs are anyway).
-        if str(config["loss_positions"] or "all").lower() != "all":
-            raise ValueError(f"loss_positions={config['loss_positions']!r} applies to the SASRec backbone's windows; "
-                             "LightGCN trains on every (user, training item) pair. Drop the key for backbone: "
-                             "LightGCN.")  # fmt: skip
+        # not train with: refused. The neutral values are what LightGCN's pairs amount to anyway.
+        for key, neutral in SASREC_ONLY_KEYS.items():
+            if str(config[key] or neutral).lower() != neutral:
+                raise ValueError(f"{key}={config[key]!r} applies to the SASRec backbone's windows; LightGCN trains "
+                                 f"on every (user, training item) pair. Drop the key (or set {key}: {neutral}) "
+                                 "for backbone: LightGCN.")  # fmt: skip
         self.user_embedding = nn.Embedding(self.n_users, config["hidden_size"], padding_idx=0)
         # The scale of the item ID embeddings (GlobalPEFT's normal(0, initializer_range)), so that users
         # and items start alike in the layer-0 mix.
