@@ -219,7 +219,9 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
     def resume_checkpoint(self, resume_file):
         resume_file = str(resume_file)
         source = resume_source(resume_file)
-        checkpoint = load_checkpoint(source, map_location=self.device)
+        # On the CPU, not self.device: the random and loader states must be CPU tensors (set_rng_state,
+        # Generator.set_state, .numpy()); load_state_dict moves weights and optimizer state to the parameters.
+        checkpoint = load_checkpoint(source, map_location="cpu")
         self.saved_model_file = best_checkpoint_path(resume_file)
         if checkpoint["config"]["model"].lower() != self.config["model"].lower():
             raise ValueError(

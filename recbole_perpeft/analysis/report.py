@@ -231,7 +231,7 @@ def analyze(
             def thumbnail(item, size=96):
                 if not bool(tower.has("image")[item]):
                     return None
-                pixels = tower.item_inputs("image", torch.tensor([item]))["pixels"][0].permute(1, 2, 0).numpy()
+                pixels = tower.item_inputs("image", torch.tensor([item]))["pixels"][0].permute(1, 2, 0).cpu().numpy()
                 return np.asarray(Image.fromarray(pixels).resize((size, size)))  # small: the sheet stays light
 
             for case in cases:

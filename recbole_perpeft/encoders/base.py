@@ -57,8 +57,9 @@ class FoundationModel(nn.Module):
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> float normalised with the encoder's mean/std."""
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        # On the pixels' device: a [1, 3, 1, 1] CPU tensor (not a scalar) does not combine with CUDA pixels.
+        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device).view(1, 3, 1, 1)
         return (pixels.float() / 255.0 - mean) / std
 
     def encode_text(self, input_ids, attention_mask) -> torch.Tensor:

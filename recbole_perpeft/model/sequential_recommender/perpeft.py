@@ -140,7 +140,8 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
         if self.backbone_name != "SASRec":
             raise ValueError(f"Serving a new user from its history needs the SASRec backbone, not "
                              f"{self.backbone_name} (a graph backbone has no vector for a user outside its graph).")
-        return Interaction({self.ITEM_SEQ: item_seq, self.ITEM_SEQ_LEN: item_seq_len})
+        device = self.group_of_user.device  # histories come as CPU tensors; the model may be on a GPU
+        return Interaction({self.ITEM_SEQ: item_seq.to(device), self.ITEM_SEQ_LEN: item_seq_len.to(device)})
 
     @torch.no_grad()
     def interest_vectors(self, item_seq, item_seq_len) -> torch.Tensor:
@@ -159,7 +160,7 @@ class PerPEFT(TwoStageGrouped, GlobalPEFT):  # TwoStageGrouped: the two-stage tr
             self.eval()
         seq = torch.as_tensor(list(history)[-self.max_seq_length:], dtype=torch.long).unsqueeze(0)
         batch = self._history_batch(seq, torch.tensor([seq.shape[1]]))
-        interest = self.interest_vectors(seq, batch[self.ITEM_SEQ_LEN]).cpu().numpy()
+        interest = self.interest_vectors(batch[self.ITEM_SEQ], batch[self.ITEM_SEQ_LEN]).cpu().numpy()
         if self.soft_groups > 1:
             top, weights = self.user_groups.assign_soft(interest.astype(np.float32), self.soft_groups,
                                                         self.soft_group_weighting, self.soft_group_temperature)
