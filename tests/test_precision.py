@@ -13,7 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from recbole_perpeft.model import precision
-from recbole_perpeft.model.length_buckets import length_buckets, padded_tokens
+from recbole_perpeft.model.length_buckets import MAX_PADDING_RATIO, length_buckets, padded_tokens, resolve_text_batching
 from recbole_perpeft.model.precision import Precision, resolve_precision
 from tests.tiny import (
     build_config,
@@ -288,3 +288,25 @@ def test_bucketed_encoding_equals_unbucketed_vectors_and_adapter_gradients(make_
     with torch.no_grad():
         alone = torch.cat([tower.family.foundation_vectors("text", items[i : i + 1]) for i in range(len(items))])
     torch.testing.assert_close(bucketed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("value", "device_type", "ratio"), [
+    ("auto", "cpu", MAX_PADDING_RATIO), (None, "cpu", MAX_PADDING_RATIO), ("auto", "cuda", None),
+    ("buckets", "cuda", MAX_PADDING_RATIO), (" Trim ", "cpu", None), ("trim", "cuda", None),
+])  # fmt: skip
+def test_text_batching_buckets_on_a_cpu_and_trims_on_a_gpu_unless_told(value, device_type, ratio):
+    assert resolve_text_batching(value, device_type) == ratio
+
+
+@pytest.mark.parametrize("value", ["on", True, "pad", ""])
+def test_text_batching_refuses_other_values_naming_the_key(value):
+    with pytest.raises(ValueError, match="text_batching must be one of auto, buckets, trim"):
+        resolve_text_batching(value, "cpu")
+
+
+def test_text_batching_reaches_the_item_tower(make_config):
+    for value, ratio in (("trim", None), ("buckets", MAX_PADDING_RATIO), ("auto", MAX_PADDING_RATIO)):
+        _, model, *_ = build_model("GlobalPEFT", DATASET, make_config("text_image", text_batching=value))
+        assert model.item_tower.max_padding_ratio == ratio, value
+        items = torch.nonzero(model.item_tower.has("text")).flatten()
+        assert (len(model.item_tower.text_buckets(items)) == 1) == (ratio is None), value

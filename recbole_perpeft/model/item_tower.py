@@ -18,7 +18,7 @@ from recbole_perpeft.adapters.base import GLOBAL_ADAPTER, group_adapter_name
 from recbole_perpeft.adapters.registry import FROZEN, get_adapter_family, option, positive_int
 from recbole_perpeft.data.modality_store import ItemModalityStore, gather_rows
 from recbole_perpeft.encoders import build_foundation
-from recbole_perpeft.model.length_buckets import MAX_PADDING_RATIO, MIN_BUCKET, length_buckets
+from recbole_perpeft.model.length_buckets import MIN_BUCKET, length_buckets, resolve_text_batching
 from recbole_perpeft.model.precision import Precision
 
 
@@ -29,9 +29,11 @@ class ItemTower(nn.Module):
         self.show_progress = bool(config["show_progress"])
         self.encode_batch_size = positive_int(option(config, "encode_batch_size", 256), "encode_batch_size")
         # Validated before anything heavy is built or cached; the adapter families apply it.
-        self.precision = Precision.from_config(config, option(config, "device", None))
-        # None: one forward per batch trimmed to its longest title (the bench compares both).
-        self.max_padding_ratio: float | None = MAX_PADDING_RATIO
+        device = option(config, "device", None)
+        self.precision = Precision.from_config(config, device)
+        # None: one forward per batch trimmed to its longest title (the bench sets both in turn).
+        device_type = "cpu" if device is None else torch.device(str(device)).type
+        self.max_padding_ratio = resolve_text_batching(option(config, "text_batching", "auto"), device_type)
         store = ItemModalityStore(config, dataset)
         self.foundation = build_foundation(config)
         self.modalities = self._available_modalities(config, store)

@@ -11,8 +11,28 @@ from __future__ import annotations
 
 import torch
 
+from recbole_perpeft.config_values import choice
+
 MAX_PADDING_RATIO = 1.1  # sum(padded tokens) <= 1.1 * sum(real tokens) over a batch
 MIN_BUCKET = 8  # below this a sub-batch is merged into a neighbour when the bound allows
+TEXT_BATCHING = ("auto", "buckets", "trim")
+
+
+def resolve_text_batching(value, device_type: str) -> float | None:
+    """Config ``text_batching`` on a device of ``device_type`` -> the bucket bound (``MAX_PADDING_RATIO``)
+    or None (one forward per batch, trimmed to its longest title).
+
+    ``auto`` buckets on a CPU and trims on a GPU. A CPU is compute-bound: padded tokens are time, and
+    buckets made a MiniLM LoRA step 0.75x the trimmed one in fp32 (README, speed). A GPU at these sizes is
+    launch-bound: each bucket is another full pass of the encoder's small kernels. On an H200, buckets made
+    the bench's step 2.3x slower (``bench/gpu_check.sh``, bf16 0.061 s against 0.027 s) and a GlobalPEFT
+    LoRA epoch on amazon-scientific 6.8x slower (3.4 steps/s against 23; README, GPU)."""
+    requested = "auto" if value is None else str(value).strip().lower()
+    choice(requested, TEXT_BATCHING, "text_batching", given=value,
+           hint="(buckets: sub-batches of similar title length; trim: one forward per batch)")  # fmt: skip
+    if requested == "auto":
+        requested = "buckets" if device_type == "cpu" else "trim"
+    return MAX_PADDING_RATIO if requested == "buckets" else None
 
 
 def padded_tokens(lengths: torch.Tensor, buckets: list[torch.Tensor]) -> int:
