@@ -26,7 +26,7 @@ def resolve_text_batching(value, device_type: str) -> float | None:
     buckets made a MiniLM LoRA step 0.75x the trimmed one in fp32 (README, speed). A GPU at these sizes is
     launch-bound: each bucket is another full pass of the encoder's small kernels. On an H200, buckets made
     the bench's step 2.3x slower (``bench/gpu_check.sh``, bf16 0.061 s against 0.027 s) and a GlobalPEFT
-    LoRA epoch on amazon-scientific 6.8x slower (3.4 steps/s against 23; README, GPU)."""
+    LoRA epoch on amazon-scientific 6.7x slower (3.4 steps/s against 22.7; README, GPU)."""
     requested = "auto" if value is None else str(value).strip().lower()
     choice(requested, TEXT_BATCHING, "text_batching", given=value,
            hint="(buckets: sub-batches of similar title length; trim: one forward per batch)")  # fmt: skip
