@@ -19,7 +19,7 @@ from recbole_perpeft.adapters.registry import FROZEN, get_adapter_family, option
 from recbole_perpeft.data.modality_store import ItemModalityStore, gather_rows
 from recbole_perpeft.encoders import build_foundation
 from recbole_perpeft.model.length_buckets import MIN_BUCKET, length_buckets, resolve_text_batching
-from recbole_perpeft.model.precision import Precision
+from recbole_perpeft.model.precision import Precision, device_type_of
 
 
 class ItemTower(nn.Module):
@@ -32,8 +32,7 @@ class ItemTower(nn.Module):
         device = option(config, "device", None)
         self.precision = Precision.from_config(config, device)
         # None: one forward per batch trimmed to its longest title (the bench sets both in turn).
-        device_type = "cpu" if device is None else torch.device(str(device)).type
-        self.max_padding_ratio = resolve_text_batching(option(config, "text_batching", "auto"), device_type)
+        self.max_padding_ratio = resolve_text_batching(option(config, "text_batching", "auto"), device_type_of(device))
         store = ItemModalityStore(config, dataset)
         self.foundation = build_foundation(config)
         self.modalities = self._available_modalities(config, store)

@@ -66,7 +66,7 @@ def device_has_bf16(device_type: str) -> bool:
     return False  # other backends: fp32 unless asked for explicitly
 
 
-def _device_type(device) -> str:
+def device_type_of(device) -> str:
     if device is None:
         return "cpu"
     return device.type if isinstance(device, torch.device) else torch.device(str(device)).type
@@ -77,7 +77,7 @@ def resolve_precision(value, device=None) -> str:
     ValueError naming the key and the allowed values for anything else."""
     requested = "auto" if value is None else str(value).strip().lower()
     choice(requested, PRECISIONS, "precision", given=value)
-    device_type = _device_type(device)
+    device_type = device_type_of(device)
     if requested == "auto":
         return "bf16" if device_has_bf16(device_type) else "fp32"
     if requested == "fp16" and device_type != "cuda":
