@@ -15,7 +15,9 @@ A comma in ``--model``, or ``--seeds`` or ``--ttest``, makes a comparison: every
 seed (``--seeds=N``: the config's seed and the N-1 after it; ``--seeds=1,5,9``: those; default 1), each run's
 result JSON goes to ``table.runs/<model>-seed<s>.json`` (and is reused when the command is run again), and
 ``table.json`` / ``table.md`` get mean (std) per model and metric and paired t-tests against ``--ttest``
-(default: the last model). Two-stage models of one seed share one stage-1 GlobalPEFT.
+(default: the last model). Two-stage models of one seed share one stage-1 GlobalPEFT. ``--runs_from=NAME=PATH,...``
+takes rows from finished runs elsewhere (a folder of ``NAME-seed<s>.json``, or ``folder/label``) instead of
+training them; NAME may be any label listed in ``--model``.
 
 Several processes (RecBole's keys; gloo on a CPU, NCCL on GPUs; see recbole_perpeft/distributed.py). The
 global batch stays ``train_batch_size``, each process trains on its share of every batch:
@@ -48,6 +50,8 @@ def parse_args(argv):
     parser.add_argument("--resume", default=None, help="a checkpoint written by an earlier run")
     parser.add_argument("--seeds", default=None, help="compare over seeds: a count (3) or a list (1,2,3)")
     parser.add_argument("--ttest", default=None, help="compare: the reference model of the paired t-tests")
+    parser.add_argument("--runs_from", default=None,
+                        help="compare: NAME=PATH,... rows read from finished runs (a folder, or folder/label)")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, rest)
     files = args.config_files.replace(",", " ").split() if args.config_files else None
@@ -79,7 +83,7 @@ def flow_value(value: str):
 
 
 def is_comparison(args) -> bool:
-    return "," in args.model or args.seeds is not None or args.ttest is not None
+    return "," in args.model or any(v is not None for v in (args.seeds, args.ttest, args.runs_from))
 
 
 def main(argv=None):
@@ -130,6 +134,7 @@ def run_comparison(args, files, overrides):
         overrides=overrides,
         result_file=args.result_file,
         reference=args.ttest,
+        runs_from=args.runs_from,
     )
 
 if __name__ == "__main__":

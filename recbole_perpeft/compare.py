@@ -28,6 +28,12 @@ Runs go seed by seed, the models of a seed in the given order.
 - Paired t-test (``scipy.stats.ttest_rel``) of the reference model (``--ttest=NAME``; default: the last model
   listed) against every other model, per metric, over the seeds both ran: ``NaN`` (``null`` in the JSON,
   ``n/a`` in the table) with fewer than two seeds or identical values.
+- ``--runs_from=NAME=PATH,...`` (:func:`parse_runs_from`): rows read from finished runs elsewhere instead of
+  trained, e.g. a reproduce table's row or another comparison's runs: ``PATH`` is a folder holding
+  ``<NAME>-seed<s>.json`` or a folder plus a file label (``DIR/w-o-MM`` for ``DIR/w-o-MM-seed<s>.json``).
+  ``NAME`` is one of ``--model``; it may be any label (``PerPEFT-2soft``), its model is the one its runs
+  recorded. A NAME given again adds a place (seeds run into several folders; the first holding a seed's run
+  wins). Every seed's run must be found (checked before anything trains); nothing is copied.
 - Output: the result JSON ``{dataset, seeds, models, metrics, runs: {model: {seed: path}},
   results: {model: {metric: {mean, std, per_seed}}}, ttest: {reference, p_values: {model: {metric: p}}}}``
   and ``<stem>.md``: a Markdown table (metrics x100, ``mean (std)``, best mean per column in bold, ``†`` where
@@ -216,8 +222,9 @@ def _given(value) -> bool:
     return value is not None and str(value).strip() not in ("", "None", "none", "null", "~")
 
 
-def load_run(path, model: str, dataset: str, seed: int, quiet: bool = False):
-    """The result JSON of an earlier run of (model, dataset, seed) at ``path``, or None (absent / other run)."""
+def load_run(path, model: str | None, dataset: str, seed: int, quiet: bool = False):
+    """The result JSON of an earlier run of (model, dataset, seed) at ``path``, or None (absent / other run).
+    ``model`` None: a run of any model."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -225,7 +232,7 @@ def load_run(path, model: str, dataset: str, seed: int, quiet: bool = False):
         result = json.loads(path.read_text())
         config = result.get("config") or {}
         same = (
-            result.get("model") == model
+            (model is None or result.get("model") == model)
             and str(result.get("dataset")) == str(dataset)
             and int(config.get("seed")) == int(seed)
             and isinstance(result.get("test_result"), dict)
@@ -347,6 +354,77 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
     return runs, test_results
 
 
+# --- rows from finished runs (--runs_from) ------------------------------------------------------------------
+
+
+def parse_runs_from(value) -> dict[str, list[Path]]:
+    """'NAME=PATH,NAME=PATH' (or a dict of a path or a list of paths) -> {NAME: [Path(PATH), ...]}: the rows a
+    comparison reads instead of training. A NAME given again adds a place (seeds run into several folders)."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        pairs = [(str(k).strip(), str(v).strip()) for k, vs in value.items()
+                 for v in (vs if isinstance(vs, (list, tuple)) else [vs])]  # fmt: skip
+    else:
+        pairs = []
+        for item in (i.strip() for i in str(value).split(",")):
+            name, sep, path = item.partition("=")
+            if item and not sep:
+                raise ValueError(f"--runs_from: {item!r} is not NAME=PATH (e.g. --runs_from=SASRec=old.runs).")
+            if item:
+                pairs.append((name.strip(), path.strip()))
+    sources = {}
+    for name, path in pairs:
+        if not name or not path:
+            raise ValueError(f"--runs_from: {name}={path} needs both a row name and a path.")
+        sources.setdefault(name, []).append(Path(path))
+    return sources
+
+
+def source_run_file(source: Path, name: str, seed: int) -> Path:
+    """A --runs_from place's run of ``seed``: ``<folder>/<NAME>-seed<s>.json``, or ``<folder>/<label>-seed<s>.json``
+    for a PATH ``<folder>/<label>`` that is not a folder."""
+    source = Path(source)
+    return run_file(source, name, seed) if source.is_dir() else source.parent / f"{source.name}-seed{seed}.json"
+
+
+def read_source_rows(sources: dict, dataset: str, seed_list, overrides: dict) -> tuple[dict, dict]:
+    """``runs`` and ``test_results`` (as :func:`run_rows`) of the --runs_from rows: each seed's run from the first
+    of the row's places holding a finished run of ``dataset`` with that seed. Every seed must be found, and a
+    row's runs must be of one model, or nothing is returned."""
+    runs, test_results = {}, {}
+    for name, places in sources.items():
+        runs[name], test_results[name], models = {}, {}, {}
+        for seed in seed_list:
+            tried = [source_run_file(place, name, seed) for place in places]
+            found = [(path, load_run(path, None, dataset, seed, quiet=True)) for path in tried]
+            path, result = next(((p, r) for p, r in found if r is not None), (None, None))
+            if result is None:
+                other = f"not a finished run on {dataset} with seed {seed}"
+                why = "; ".join(f"{p}: {other if p.is_file() else 'no such file'}" for p in tried)
+                raise FileNotFoundError(
+                    f"--runs_from {name}: no run of seed {seed} ({why}). Point PATH at the folder (or folder/label) "
+                    f"of that row's runs, add another {name}=PATH, or leave seed {seed} out of --seeds.")  # fmt: skip
+            models.setdefault(result.get("model"), []).append(seed)
+            changed = changed_keys(result, overrides)
+            if changed:
+                print(f"[compare] warning: {path} was run with {', '.join(changed)}")
+            runs[name][seed], test_results[name][seed] = str(path), result["test_result"]
+        if len(models) > 1:
+            raise ValueError(f"--runs_from {name}: its runs are of several models ({models}, model: seeds).")
+        print(f"[compare] {name} ({next(iter(models))}): {len(seed_list)} runs from "
+              f"{', '.join(map(str, places))}", flush=True)  # fmt: skip
+    return runs, test_results
+
+
+def _known_model(name: str) -> bool:
+    try:
+        is_grouped(name)
+    except ValueError:
+        return False
+    return True
+
+
 def compare(
     models,
     dataset: str,
@@ -355,20 +433,37 @@ def compare(
     overrides=None,
     result_file=None,
     reference=None,
+    runs_from=None,
 ) -> dict:
-    """Train (or reuse) every (model, seed), write the comparison JSON and Markdown; return the JSON dict."""
+    """Train (or reuse) every (model, seed), write the comparison JSON and Markdown; return the JSON dict.
+    ``runs_from`` ({name: path} or 'NAME=PATH,...'): rows read from finished runs, not trained."""
     models = parse_models(models)
     overrides = dict(overrides or {})
+    sources = parse_runs_from(runs_from)
+    unknown = [name for name in sources if name not in models]
+    if unknown:
+        raise ValueError(f"--runs_from names {', '.join(unknown)}, not in --model ({', '.join(models)}).")
     reference = reference or models[-1]
     if reference not in models:
         raise ValueError(f"--ttest={reference}: not one of the compared models ({', '.join(models)}).")
-    for model in models:
+    trained = [model for model in models if model not in sources]
+    for model in trained:
         is_grouped(model)  # every name checked before anything trains (or a seed is looked up)
-    seed_list = resolve_seeds(seeds, lambda: config_seed(models[0], dataset, config_file_list, overrides))
+    base = next((m for m in models if m not in sources or _known_model(m)), None)
+    if base is None and not isinstance(parse_seeds(seeds), list):
+        raise ValueError("--seeds as a count counts from the config's seed, which no row here names a model for: "
+                         "give the seeds as a list (--seeds=2024,2025,2026).")  # fmt: skip
+    seed_list = resolve_seeds(seeds, lambda: config_seed(base, dataset, config_file_list, overrides))
     result_file = Path(result_file or f"comparison-{dataset}.json")
     runs_dir, markdown_file = output_paths(result_file)
-    rows = [Row(model, model, {}) for model in models]
-    runs, test_results = run_rows(rows, dataset, seed_list, runs_dir, config_file_list, overrides)
+    runs, test_results = read_source_rows(sources, dataset, seed_list, overrides)  # before anything trains
+    if trained:
+        more_runs, more_results = run_rows([Row(m, m, {}) for m in trained], dataset, seed_list, runs_dir,
+                                           config_file_list, overrides)  # fmt: skip
+        runs.update(more_runs)
+        test_results.update(more_results)
+    runs = {model: runs[model] for model in models}
+    test_results = {model: test_results[model] for model in models}
     summary = summarise(dataset, models, seed_list, test_results, reference=reference, runs=runs)
     markdown = write_report(summary, result_file, markdown_file)
     print("\n" + markdown, flush=True)

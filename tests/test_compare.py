@@ -193,6 +193,67 @@ def test_compare_checks_names_and_reference_before_training(tmp_path, fake_run):
     assert not fake_run.calls
 
 
+def test_parse_runs_from():
+    assert cmp.parse_runs_from(None) == {}
+    assert cmp.parse_runs_from("SASRec=a/b.runs, w/o MM = d/runs/w-o-MM,SASRec=c") == {
+        "SASRec": [Path("a/b.runs"), Path("c")], "w/o MM": [Path("d/runs/w-o-MM")]}  # fmt: skip
+    assert cmp.parse_runs_from({"A": "x", "B": ["y", "z"]}) == {"A": [Path("x")], "B": [Path("y"), Path("z")]}
+    for bad, fragment in [("SASRec", "NAME=PATH"), ("=x", "both"), ("A=", "both")]:
+        with pytest.raises(ValueError, match=fragment):
+            cmp.parse_runs_from(bad)
+
+
+def test_compare_reads_rows_from_finished_runs_elsewhere(tmp_path, fake_run, capsys):
+    # Finished runs in two places: another comparison's runs folder, and a reproduce table's row "w/o MM"
+    # (PerPEFT runs under another label): read where they are, not copied, not trained.
+    cmp.compare("SASRec,PerPEFT", "ds", seeds=[3, 4], result_file=tmp_path / "old" / "t.json")
+    other = tmp_path / "repro" / "runs"
+    cmp.run_rows([cmp.Row("w/o MM", "PerPEFT", {"n_groups": 2})], "ds", [3, 4], other)
+    assert len(fake_run.calls) == 6
+    capsys.readouterr()
+
+    summary = cmp.compare(
+        "SASRec,GlobalPEFT,PerPEFT-2", "ds", seeds="3,4", result_file=tmp_path / "new.json",
+        runs_from=f"SASRec={tmp_path / 'old' / 't.runs'},PerPEFT-2={other / 'w-o-MM'}")  # fmt: skip
+    assert [(c["model"], c["config"]["seed"]) for c in fake_run.calls[6:]] == [("GlobalPEFT", 3), ("GlobalPEFT", 4)]
+    assert summary["models"] == ["SASRec", "GlobalPEFT", "PerPEFT-2"]
+    assert summary["runs"]["PerPEFT-2"] == {"3": str(other / "w-o-MM-seed3.json"),
+                                            "4": str(other / "w-o-MM-seed4.json")}  # fmt: skip
+    assert summary["results"]["SASRec"]["hit@5"]["per_seed"] == pytest.approx([0.13, 0.14])
+    assert summary["results"]["PerPEFT-2"]["hit@5"]["per_seed"] == pytest.approx([0.33, 0.34])
+    assert summary["ttest"]["reference"] == "PerPEFT-2"
+    assert not (tmp_path / "new.runs" / "SASRec-seed3.json").exists()
+    assert "PerPEFT-2 (PerPEFT): 2 runs from" in capsys.readouterr().out
+
+    # A seed missing from a source, a source of another dataset, or a name not in --model: an error naming
+    # the file, before anything trains.
+    n = len(fake_run.calls)
+    with pytest.raises(FileNotFoundError, match=r"SASRec-seed5.json: no such file"):
+        cmp.compare("GlobalPEFT,SASRec", "ds", seeds=[3, 5], result_file=tmp_path / "x.json",
+                    runs_from={"SASRec": tmp_path / "old" / "t.runs"})  # fmt: skip
+    # ... unless another place of that row holds it: seeds run into two folders make one row.
+    cmp.compare("SASRec", "ds", seeds=[5], result_file=tmp_path / "later" / "t.json")
+    both = cmp.compare("SASRec", "ds", seeds=[3, 5], result_file=tmp_path / "x.json",
+                       runs_from=f"SASRec={tmp_path / 'old' / 't.runs'},SASRec={tmp_path / 'later' / 't.runs'}")
+    assert both["runs"]["SASRec"] == {"3": str(tmp_path / "old" / "t.runs" / "SASRec-seed3.json"),
+                                      "5": str(tmp_path / "later" / "t.runs" / "SASRec-seed5.json")}  # fmt: skip
+    n = len(fake_run.calls)
+    with pytest.raises(FileNotFoundError, match="not a finished run on other"):
+        cmp.compare("SASRec", "other", seeds=[3], result_file=tmp_path / "x.json",
+                    runs_from={"SASRec": tmp_path / "old" / "t.runs"})  # fmt: skip
+    with pytest.raises(ValueError, match="not in --model"):
+        cmp.compare("SASRec", "ds", seeds=[3], result_file=tmp_path / "x.json", runs_from={"Nope": tmp_path})
+    assert len(fake_run.calls) == n
+
+
+def test_runs_from_rows_of_mixed_models_are_refused(tmp_path, fake_run):
+    runs = tmp_path / "r.runs"
+    cmp.compare("SASRec,PerPEFT", "ds", seeds=[3, 4], result_file=tmp_path / "r.json")
+    (runs / "SASRec-seed4.json").write_text((runs / "PerPEFT-seed4.json").read_text())
+    with pytest.raises(ValueError, match="several models"):
+        cmp.compare("SASRec", "ds", seeds=[3, 4], result_file=tmp_path / "x.json", runs_from=f"SASRec={runs}")
+
+
 def test_row_labels_become_safe_distinct_file_names(tmp_path):
     assert cmp.safe_name("w/o group negatives") == "w-o-group-negatives"
     assert cmp.safe_name("GlobalPEFT LORA missing0.25") == "GlobalPEFT-LORA-missing0.25"
@@ -268,14 +329,16 @@ def test_command_line_picks_single_run_or_comparison(entry_calls):
     kind, args, kwargs = entry_calls[-1]
     assert kind == "compare" and args == ("A,B", "D")
     assert kwargs == {"seeds": 2, "config_file_list": ["x.yaml"], "overrides": {"epochs": "1"},
-                      "result_file": "t.json", "reference": None}  # fmt: skip
+                      "result_file": "t.json", "reference": None, "runs_from": None}  # fmt: skip
 
     main(["--model=A", "--dataset=D", "--seeds=1,5"])  # --seeds alone: a comparison of one model
     assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["seeds"] == [1, 5]
     main(["--model=A,B", "--ttest=A"])  # a comma alone: one seed
     assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["seeds"] == cmp.DEFAULT_SEEDS == 1
     assert entry_calls[-1][2]["reference"] == "A"
-    assert len(entry_calls) == 4
+    main(["--model=A", "--runs_from=A=old.runs"])  # --runs_from alone: a comparison too
+    assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["runs_from"] == "A=old.runs"
+    assert len(entry_calls) == 5
 
 
 @pytest.mark.parametrize(
