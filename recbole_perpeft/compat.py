@@ -3,7 +3,10 @@
 Pins (declared in setup.cfg, checked here so a wrong environment fails with a clear message):
 
 * ``numpy<2``: ``Config.compatibility_settings`` aliases ``np.float_``, ``np.int_`` ... that numpy 2
-  removed, so constructing any RecBole ``Config`` raises ``AttributeError``.
+  removed, so constructing any RecBole ``Config`` raises ``AttributeError``. Where numpy cannot be
+  downgraded (a preinstalled GPU image whose scipy needs numpy 2; install there with ``pip install
+  --no-deps``), ``RECBOLE_PERPEFT_ALLOW_NUMPY2=1`` restores the three aliases numpy 2 removed
+  (:data:`NUMPY2_ALIASES`) instead of refusing: opt-in, since the suite runs under the pin.
 * ``pandas<3``: RecBole fills missing atomic-file values with ``df[field].fillna(..., inplace=True)``;
   under pandas 3 copy-on-write that is a silent no-op and NaN reaches the token remapping.
 
@@ -49,13 +52,26 @@ from recbole_perpeft.data.cache_files import atomic_output
 
 NUMPY_MAX_MAJOR = 1
 PANDAS_MAX_MAJOR = 2
+ALLOW_NUMPY2 = "RECBOLE_PERPEFT_ALLOW_NUMPY2"
+# What numpy 2 removed that RecBole's Config.compatibility_settings reads (its other aliases still exist).
+NUMPY2_ALIASES = {"float_": "float64", "complex_": "complex128", "unicode_": "str_"}
+
+
+def restore_numpy_aliases() -> None:
+    for old, new in NUMPY2_ALIASES.items():
+        if not hasattr(np, old):
+            setattr(np, old, getattr(np, new))
 
 
 def check_environment() -> None:
     """Fail early, naming the package and the fix, when a pin is not honoured."""
     problems = []
     if int(np.__version__.split(".")[0]) > NUMPY_MAX_MAJOR:
-        problems.append(f"numpy {np.__version__} (RecBole 1.2.1 needs numpy<2)")
+        if os.environ.get(ALLOW_NUMPY2) == "1":
+            restore_numpy_aliases()
+        else:
+            problems.append(f"numpy {np.__version__} (RecBole 1.2.1 needs numpy<2; where numpy cannot be downgraded, "
+                            f"set {ALLOW_NUMPY2}=1 to restore the aliases it reads)")  # fmt: skip
     if int(pd.__version__.split(".")[0]) > PANDAS_MAX_MAJOR:
         problems.append(f"pandas {pd.__version__} (RecBole 1.2.1 needs pandas<3)")
     if problems:

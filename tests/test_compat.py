@@ -61,6 +61,21 @@ def test_check_environment_rejects_numpy_2(monkeypatch):
         compat.check_environment()
 
 
+def test_numpy_2_is_accepted_on_request_with_recboles_aliases_restored(monkeypatch, base_config):
+    # numpy 2 as a GPU image has it: version 2, the three aliases RecBole's Config reads gone.
+    monkeypatch.setattr(compat.np, "__version__", "2.5.2")
+    for alias in compat.NUMPY2_ALIASES:
+        monkeypatch.delattr(np, alias)
+    monkeypatch.setenv(compat.ALLOW_NUMPY2, "1")
+    compat.check_environment()
+    assert np.float_ is np.float64 and np.complex_ is np.complex128 and np.unicode_ is np.str_
+    config = Config(model="SASRec", dataset="ml-100k", config_dict=base_config)  # compatibility_settings runs
+    assert config["model"] == "SASRec" and np.float is np.float64
+    monkeypatch.setenv(compat.ALLOW_NUMPY2, "0")  # anything but 1 keeps the pin
+    with pytest.raises(ImportError, match=compat.ALLOW_NUMPY2):
+        compat.check_environment()
+
+
 def test_check_environment_rejects_pandas_3(monkeypatch):
     monkeypatch.setattr(compat.pd, "__version__", "3.0.0")
     with pytest.raises(ImportError, match=r"pandas 3\.0\.0.*pandas<3"):
