@@ -9,8 +9,10 @@
 #
 # Jobs: GlobalPEFT (30 epochs); PerPEFT (the paper's 8 groups); PerPEFT2soft (2 groups, each user scored by
 # both: --n_groups=2 --soft_groups=2). Each (job, seed) writes RESULT_DIR/<job>-<seed>/ (reproduce's run
-# folder, its own checkpoints) and RESULT_DIR/<job>-<seed>.log. Merge them afterwards by copying the run
-# JSONs into one reproduce folder and running the same reproduce command there: finished runs are reused.
+# folder, its own checkpoints) and RESULT_DIR/<job>-<seed>.log. Compare them where they are with
+# run_recbole_perpeft.py --model=GlobalPEFT,PerPEFT --seeds=... --runs_from=GlobalPEFT=RESULT_DIR/GlobalPEFT-2024/runs/
+# GlobalPEFT-LORA,GlobalPEFT=RESULT_DIR/GlobalPEFT-2025/runs/GlobalPEFT-LORA,... (a name given again adds a seed's
+# folder), or copy the run JSONs into one reproduce folder and run the reproduce command there (it reuses them).
 # DEADLINE stops every process after that many seconds (0: none): a run stopped before its end is lost (its
 # log keeps the epochs it did); runs already finished are reused when the same command runs again.
 set -uo pipefail
