@@ -246,6 +246,21 @@ def test_compare_reads_rows_from_finished_runs_elsewhere(tmp_path, fake_run, cap
     assert len(fake_run.calls) == n
 
 
+def test_runs_from_labels_alone_need_the_seeds_as_a_list(tmp_path, fake_run, monkeypatch):
+    def known_only(model):
+        if model not in {"SASRec", "PerPEFT", "GroupLevel1", "GlobalPEFT"}:
+            raise ValueError(f"unknown model {model}")
+        return model in GROUPED
+
+    monkeypatch.setattr(cmp, "is_grouped", known_only)
+    cmp.compare("SASRec", "ds", seeds=[3], result_file=tmp_path / "r.json")
+    old = f"Old={tmp_path / 'r.runs' / 'SASRec'}"
+    with pytest.raises(ValueError, match="give the seeds as a list"):  # no model to read the config's seed of
+        cmp.compare("Old", "ds", seeds=1, result_file=tmp_path / "x.json", runs_from=old)
+    summary = cmp.compare("Old", "ds", seeds=[3], result_file=tmp_path / "x.json", runs_from=old)
+    assert summary["results"]["Old"]["hit@5"]["per_seed"] == pytest.approx([0.13])
+
+
 def test_runs_from_rows_of_mixed_models_are_refused(tmp_path, fake_run):
     runs = tmp_path / "r.runs"
     cmp.compare("SASRec,PerPEFT", "ds", seeds=[3, 4], result_file=tmp_path / "r.json")
