@@ -397,7 +397,8 @@ def read_source_rows(sources: dict, dataset: str, seed_list, overrides: dict) ->
         runs[name], test_results[name], models = {}, {}, {}
         for seed in seed_list:
             tried = [source_run_file(place, name, seed) for place in places]
-            found = [(path, load_run(path, None, dataset, seed, quiet=True)) for path in tried]
+            # Lazily: the places after the first that holds this seed's run are not read.
+            found = ((path, load_run(path, None, dataset, seed, quiet=True)) for path in tried)
             path, result = next(((p, r) for p, r in found if r is not None), (None, None))
             if result is None:
                 other = f"not a finished run on {dataset} with seed {seed}"
