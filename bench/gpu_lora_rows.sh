@@ -4,8 +4,10 @@
 # side. A LoRA step on one GPU is launch-bound (MiniLM's kernels on ~240 titles are tiny), so processes
 # beside each other fill the GPU instead of queueing.
 #
-#   [SEEDS="2024 2025 2026"] [JOBS="GlobalPEFT PerPEFT PerPEFT2soft"] [DEADLINE=seconds] \
+#   [SEEDS="2024 2025 2026"] [JOBS="GlobalPEFT PerPEFT PerPEFT2soft"] [PEFT=LORA] [DEADLINE=seconds] \
 #       bash bench/gpu_lora_rows.sh RESULT_DIR [--key=value ...]
+#
+# PEFT=IA3 gives the (IA)3 rows the same way (run files GlobalPEFT-IA3-seed<s>.json, ...).
 #
 # Jobs: GlobalPEFT (30 epochs); PerPEFT (the paper's 8 groups); PerPEFT2soft (2 groups, each user scored by
 # both: --n_groups=2 --soft_groups=2). Each (job, seed) writes RESULT_DIR/<job>-<seed>/ (reproduce's run
@@ -23,7 +25,7 @@ dir=$1
 shift
 mkdir -p "$dir"
 pids=()
-common=(--table=2 --dataset=amazon-scientific --peft=LORA --stage1_epochs=10 --stage2_epochs=20)
+common=(--table=2 --dataset=amazon-scientific --peft="${PEFT:-LORA}" --stage1_epochs=10 --stage2_epochs=20)
 for job in ${JOBS:-GlobalPEFT PerPEFT PerPEFT2soft}; do
   case $job in
     GlobalPEFT) rows=(--rows=GlobalPEFT) ;;

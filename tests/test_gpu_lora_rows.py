@@ -36,6 +36,14 @@ def test_one_process_per_job_and_seed_with_its_own_folder_and_the_extra_keys(tmp
     assert "--rows=GlobalPEFT" in (out / "GlobalPEFT-2024.log").read_text().split()
 
 
+def test_peft_chooses_the_peft_type_of_every_row(tmp_path):
+    out = tmp_path / "rows"
+    done = run_script(tmp_path, str(out), SEEDS="2024", JOBS="GlobalPEFT", PEFT="IA3")
+    assert done.returncode == 0, done.stderr
+    line = (out / "GlobalPEFT-2024.log").read_text().split()
+    assert "--peft=IA3" in line and "--peft=LORA" not in line
+
+
 def test_unknown_job_and_missing_folder_are_refused(tmp_path):
     done = run_script(tmp_path, str(tmp_path / "rows"), JOBS="Global")
     assert done.returncode == 2 and "unknown job 'Global'" in done.stderr
