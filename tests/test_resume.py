@@ -60,7 +60,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_result(case, config_
 
     first_dir = tmp_path / "killed"
     args = [*common, f"--checkpoint_dir={first_dir}", f"--result_file={tmp_path / 'resumed.json'}"]
-    proc = start(args, tmp_path, tmp_path / "killed.log")
+    proc = start(args, tmp_path, tmp_path / "killed.log", hold=(pattern, epoch))  # waits there for the signal
     interrupt_after(proc, first_dir, pattern, epoch, sig)
     killed = finish(proc)
     assert not (tmp_path / "resumed.json").exists()

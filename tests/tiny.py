@@ -268,14 +268,20 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start(args: list[str], cwd, log) -> subprocess.Popen:
+def start(args: list[str], cwd, log, hold: tuple[str, int] | None = None) -> subprocess.Popen:
     """``run_recbole_perpeft.py ARGS`` started in a subprocess (offline), stdout and stderr to the file
-    ``log`` (a pipe nobody reads while the run goes on could fill up and stall it)."""
+    ``log`` (a pipe nobody reads while the run goes on could fill up and stall it). ``hold=(pattern, epoch)``
+    runs it through ``tests/hold_run.py``: it pauses after the ``pattern`` -last checkpoint of ``epoch``, where
+    :func:`interrupt_after` with the same pattern and epoch then interrupts it (single-process runs)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    script = RUN_SCRIPT
+    if hold is not None:
+        script = REPO_ROOT / "tests" / "hold_run.py"
+        env.update(HOLD_PATTERN=hold[0], HOLD_AFTER_EPOCH=str(hold[1]))
     with open(log, "w") as out:
         # Ctrl-C acts as at a terminal even where this process was started in the background (a
         # non-interactive shell's `&` ignores SIGINT, and children inherit that).
-        proc = subprocess.Popen([sys.executable, str(RUN_SCRIPT), *args], cwd=cwd, env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, str(script), *args], cwd=cwd, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)  # fmt: skip
     proc.log = Path(log)
     return proc
