@@ -1,39 +1,36 @@
-"""``run_recbole_perpeft.py`` for the kill-and-resume tests, with a pause at the interrupt point.
+"""The entry point of ``run_recbole_perpeft.py`` for the kill-and-resume tests, with a pause at the interrupt point.
 
 A tiny run's epochs take about 0.1 s, so a test's watcher that sends its signal once a ``-last`` checkpoint
 appears could lose the race on a loaded machine: the remaining epochs ended before the signal arrived (seen
 once in CI-like conditions, beside two training jobs). Here the run, right after writing a ``-last``
-checkpoint whose file name matches ``HOLD_PATTERN`` for an epoch >= ``HOLD_AFTER_EPOCH``, sleeps (at most
-``HOLD_SECONDS``, default 600) at the start of the next epoch, so the signal lands there however slow the
-watcher is. Started by :func:`tests.tiny.start` with ``hold=(pattern, epoch)``; single-process runs only."""
+checkpoint whose file name matches ``HOLD_PATTERN`` for an epoch >= ``HOLD_AFTER_EPOCH``, sleeps (10 minutes
+at most) at the start of the next epoch, so the signal lands there however slow the watcher is. Started by
+:func:`tests.tiny.start` with ``hold=(pattern, epoch)``; single-process runs only."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
-import runpy
-import sys
 import time
 from pathlib import Path
 
+from recbole_perpeft.cli import main  # all that run_recbole_perpeft.py runs
 from recbole_perpeft.resume import ResumableTrainerMixin
 
-RUN_SCRIPT = Path(__file__).resolve().parents[1] / "run_recbole_perpeft.py"
+HOLD_SECONDS = 600
 
 
-def hold_after_save(pattern: str, after_epoch: int, seconds: float) -> None:
+def hold_after_save(pattern: str, after_epoch: int) -> None:
     save_last = ResumableTrainerMixin._save_last
 
     def _save_last(self, epoch: int) -> None:
         save_last(self, epoch)
         if epoch >= after_epoch and fnmatch.fnmatch(Path(self.last_model_file).name, pattern):
-            time.sleep(seconds)  # the test's SIGINT (KeyboardInterrupt here) or SIGKILL lands in this sleep
+            time.sleep(HOLD_SECONDS)  # the test's SIGINT (KeyboardInterrupt here) or SIGKILL lands in this sleep
 
     ResumableTrainerMixin._save_last = _save_last
 
 
 if __name__ == "__main__":
-    hold_after_save(os.environ["HOLD_PATTERN"], int(os.environ["HOLD_AFTER_EPOCH"]),
-                    float(os.environ.get("HOLD_SECONDS", "600")))  # fmt: skip
-    sys.argv = [str(RUN_SCRIPT), *sys.argv[1:]]
-    runpy.run_path(str(RUN_SCRIPT), run_name="__main__")
+    hold_after_save(os.environ["HOLD_PATTERN"], int(os.environ["HOLD_AFTER_EPOCH"]))
+    main()
