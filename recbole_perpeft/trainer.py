@@ -8,6 +8,7 @@ from recbole.trainer import Trainer
 from recbole.utils import get_local_time
 
 from recbole_perpeft.compat import AbstractTrainerWithoutDDP, SafeCheckpointMixin
+from recbole_perpeft.config_values import option
 from recbole_perpeft.distributed import on_rank0
 from recbole_perpeft.resume import ResumableTrainerMixin
 
@@ -26,8 +27,32 @@ class PEFTTrainer(ResumableTrainerMixin, SafeCheckpointMixin, Trainer, AbstractT
             self.enable_scaler = True
 
     def _build_optimizer(self, **kwargs):
-        kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
+        kwargs.setdefault("params", trainable_parameter_groups(self.model, self.config, self.logger))
         return super()._build_optimizer(**kwargs)
+
+
+def trainable_parameter_groups(model, config, logger=None) -> list:
+    """The trainable parameters, as one group; with ``adapter_learning_rate`` set, two: the adapter's (peft
+    method or side network, every group's under PerPEFT) at that rate, the rest (projector, ID embeddings,
+    recommender) at ``learning_rate``. A model without a trainable adapter (FrozenMM, ID-only) has one."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    adapter_lr = option(config, "adapter_learning_rate")
+    tower = getattr(model, "item_tower", None)
+    if adapter_lr is None or tower is None:
+        return trainable
+    if isinstance(adapter_lr, bool) or not isinstance(adapter_lr, (int, float)) or adapter_lr <= 0:
+        raise ValueError(f"adapter_learning_rate must be a positive number or ~ (= learning_rate), got {adapter_lr!r}.")
+    adapter_ids = {id(p) for p in tower.adapter_module().parameters() if p.requires_grad}
+    adapter = [p for p in trainable if id(p) in adapter_ids]
+    if not adapter:
+        return trainable
+    rest = [p for p in trainable if id(p) not in adapter_ids]
+    if logger is not None:
+        logger.info(
+            f"adapter_learning_rate {adapter_lr} for the adapter's {sum(p.numel() for p in adapter):,} parameters, "
+            f"learning_rate {config['learning_rate']} for the other {sum(p.numel() for p in rest):,}"
+        )
+    return [{"params": adapter, "lr": float(adapter_lr)}, {"params": rest}]
 
 
 def checkpoint_path(config, name: str) -> str:

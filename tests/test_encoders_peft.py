@@ -530,3 +530,35 @@ def test_no_images_at_all_runs_text_only_with_a_warning(make_config, tmp_path, c
     assert torch.isfinite(loss)
     model.eval()
     assert model.item_table().shape == (model.n_items, config_dict["hidden_size"])
+
+
+# --- adapter_learning_rate ------------------------------------------------------------------------------
+
+
+def test_adapter_learning_rate_gives_the_adapter_its_own_optimizer_group(make_config):
+    config, model, *_ = build_model("GlobalPEFT", DATASET, make_config(peft_type="ia3", adapter_learning_rate=3e-3))
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    adapter_group, rest_group = trainer.optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    adapter = {names[id(p)] for p in adapter_group["params"]}
+    assert adapter and all("ia3_" in n for n in adapter)
+    assert adapter == {n for n, p in model.named_parameters() if p.requires_grad and is_adapter(n)}
+    assert adapter_group["lr"] == 3e-3 and rest_group["lr"] == config["learning_rate"]
+    rest = {names[id(p)] for p in rest_group["params"]}
+    assert rest and all(n.startswith(TRAINABLE_PREFIXES) for n in rest)
+
+
+@pytest.mark.parametrize("model_name, overrides", [("GlobalPEFT", {}), ("FrozenMM", {"adapter_learning_rate": 3e-3})])
+def test_one_optimizer_group_without_adapter_learning_rate_or_adapter(make_config, model_name, overrides):
+    config, model, *_ = build_model(model_name, DATASET, make_config(**overrides))
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    (group,) = trainer.optimizer.param_groups
+    assert group["lr"] == config["learning_rate"]
+    assert len(group["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, "fast", True])
+def test_bad_adapter_learning_rate_is_refused_by_name(make_config, bad):
+    config, model, *_ = build_model("GlobalPEFT", DATASET, make_config(adapter_learning_rate=bad))
+    with pytest.raises(ValueError, match="adapter_learning_rate"):
+        get_trainer(config["MODEL_TYPE"], config["model"])(config, model)

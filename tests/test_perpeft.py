@@ -587,3 +587,16 @@ def test_bad_n_groups_exits_before_stage_1_naming_n_groups(env, tmp_path, n_grou
     assert isinstance(message, str) and message.startswith("error: ")  # exit status 1
     assert f"n_groups={n_groups}" in message and f"{N_USERS} users" in message
     assert not list(Path(keys["checkpoint_dir"]).glob("PerPEFT-*"))  # refused before stage 1 trained
+
+
+def test_adapter_learning_rate_covers_every_groups_adapter_in_stage2(env):
+    config = perpeft_config(env, adapter_learning_rate=3e-3)
+    model = build_perpeft(env, adapter_learning_rate=3e-3)
+    adapter_group, rest_group = PEFTTrainer(config, model).optimizer.param_groups
+    in_adapter_group = {id(p) for p in adapter_group["params"]}
+    tower = model.item_tower
+    for group in range(env.groups.n_groups):
+        params = tower.family.group_parameters(group)
+        assert params and all(id(p) in in_adapter_group for p in params)
+    assert len(in_adapter_group) == sum(len(tower.family.group_parameters(g)) for g in range(env.groups.n_groups))
+    assert adapter_group["lr"] == 3e-3 and rest_group["lr"] == config["learning_rate"]
