@@ -5,7 +5,9 @@ appears could lose the race on a loaded machine: the remaining epochs ended befo
 once in CI-like conditions, beside two training jobs). Here the run, right after writing a ``-last``
 checkpoint whose file name matches ``HOLD_PATTERN`` for an epoch >= ``HOLD_AFTER_EPOCH``, sleeps (10 minutes
 at most) at the start of the next epoch, so the signal lands there however slow the watcher is. Started by
-:func:`tests.tiny.start` with ``hold=(pattern, epoch)``; single-process runs only."""
+:func:`tests.tiny.start` with ``hold=(pattern, epoch)``. The hold is set up on import, not under ``__main__``:
+the ranks of a run in several processes (spawned) import this file again as ``__mp_main__``, and every rank
+then pauses at the same point (each calls ``_save_last``, a collective)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def hold_after_save(pattern: str, after_epoch: int) -> None:
     ResumableTrainerMixin._save_last = _save_last
 
 
+hold_after_save(os.environ["HOLD_PATTERN"], int(os.environ["HOLD_AFTER_EPOCH"]))
+
 if __name__ == "__main__":
-    hold_after_save(os.environ["HOLD_PATTERN"], int(os.environ["HOLD_AFTER_EPOCH"]))
     main()

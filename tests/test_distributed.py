@@ -157,12 +157,13 @@ def test_killed_two_process_run_resumes_on_any_number_of_processes(env, runs, tm
     killed_dir = tmp_path / "killed"
     args = ["--model=PerPEFT", f"--dataset={DATASET}", f"--config_files={config_file}", "--nproc=2",
             f"--checkpoint_dir={killed_dir}"]  # fmt: skip
-    proc = start(args, tmp_path, tmp_path / "killed.log")
+    hold = ("PerPEFT-*[0-9]-last.pth", 0)  # the run pauses where it is killed (in stage 2's epoch 1): no race
+    proc = start(args, tmp_path, tmp_path / "killed.log", hold=hold)
     ranks = []
     while len(ranks) < 2 and proc.poll() is None:  # the spawned processes (not the spawn's resource tracker)
         ranks = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
         time.sleep(0.1)
-    interrupt_after(proc, killed_dir, "PerPEFT-*[0-9]-last.pth", 0, signal.SIGKILL)  # in stage 2's epoch 1
+    interrupt_after(proc, killed_dir, *hold, signal.SIGKILL)
     assert finish(proc).returncode == -signal.SIGKILL
     gone, alive = psutil.wait_procs(ranks, timeout=30)
     assert not alive, "training processes outlived the killed launcher"

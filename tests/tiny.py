@@ -271,8 +271,8 @@ def default_sigint() -> None:
 def start(args: list[str], cwd, log, hold: tuple[str, int] | None = None) -> subprocess.Popen:
     """``run_recbole_perpeft.py ARGS`` started in a subprocess (offline), stdout and stderr to the file
     ``log`` (a pipe nobody reads while the run goes on could fill up and stall it). ``hold=(pattern, epoch)``
-    runs it through ``tests/hold_run.py``: it pauses after the ``pattern`` -last checkpoint of ``epoch``, where
-    :func:`interrupt_after` with the same pattern and epoch then interrupts it (single-process runs)."""
+    runs it through ``tests/hold_run.py``: it pauses (every rank, in several processes) after the ``pattern``
+    -last checkpoint of ``epoch``, where :func:`interrupt_after` with the same pattern and epoch interrupts it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     script = RUN_SCRIPT
     if hold is not None:
