@@ -37,11 +37,12 @@ def trainable_parameter_groups(model, config, logger=None) -> list:
     recommender) at ``learning_rate``. A model without a trainable adapter (FrozenMM, ID-only) has one."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     adapter_lr = option(config, "adapter_learning_rate")
+    if adapter_lr is not None and (isinstance(adapter_lr, bool) or not isinstance(adapter_lr, (int, float))
+                                   or adapter_lr <= 0):  # fmt: skip
+        raise ValueError(f"adapter_learning_rate must be a positive number or ~ (= learning_rate), got {adapter_lr!r}.")
     tower = getattr(model, "item_tower", None)
     if adapter_lr is None or tower is None:
         return trainable
-    if isinstance(adapter_lr, bool) or not isinstance(adapter_lr, (int, float)) or adapter_lr <= 0:
-        raise ValueError(f"adapter_learning_rate must be a positive number or ~ (= learning_rate), got {adapter_lr!r}.")
     adapter_ids = {id(p) for p in tower.adapter_module().parameters() if p.requires_grad}
     adapter = [p for p in trainable if id(p) in adapter_ids]
     if not adapter:
