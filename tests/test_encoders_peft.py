@@ -557,7 +557,7 @@ def test_one_optimizer_group_without_adapter_learning_rate_or_adapter(make_confi
     assert len(group["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("model_name", ["GlobalPEFT", "FrozenMM"])  # refused even where no adapter would use it
+@pytest.mark.parametrize("model_name", ["GlobalPEFT", "FrozenMM", "WithoutMM"])  # refused even where nothing uses it
 @pytest.mark.parametrize("bad", [0, -1e-3, "fast", True])
 def test_bad_adapter_learning_rate_is_refused_by_name(make_config, model_name, bad):
     config, model, *_ = build_model(model_name, DATASET, make_config(adapter_learning_rate=bad))
