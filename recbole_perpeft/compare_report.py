@@ -169,7 +169,8 @@ def render_markdown(summary: dict, title: str | None = None, paper: dict | None 
                 value = paper.get(model, {}).get(metric)
                 cells.append("" if value is None else str(value))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    if reference is not None:
+    compared = [m for m in models if m != reference and m in p_values]
+    if reference is not None and compared:  # a table of the reference row alone has no p-values to show
         lines += [
             "",
             f"{MARKER} p < {SIGNIFICANCE} in a paired t-test against {reference} over the seeds. "
@@ -177,9 +178,7 @@ def render_markdown(summary: dict, title: str | None = None, paper: dict | None 
             "",
             *table_header(metrics),
         ]
-        for model in models:
-            if model == reference or model not in p_values:
-                continue
+        for model in compared:
             lines.append(
                 f"| {model} | " + " | ".join(_format_p(p_values[model].get(metric)) for metric in metrics) + " |"
             )

@@ -127,6 +127,15 @@ def test_render_markdown_table():
     assert not any(line.startswith("| PerPEFT | <") or line.startswith("| PerPEFT | n/a") for line in lines)
 
 
+def test_render_markdown_of_the_reference_row_alone_has_no_empty_p_value_table():
+    summary = report.summarise("ds", ["A"], [1, 2, 3], {"A": results_table()["A"]}, reference="A")
+    text = report.render_markdown(summary)
+    assert "| A | " in text
+    assert "p-values" not in text and "†" not in text
+    two = report.render_markdown(report.summarise("ds", ["A", "B"], [1, 2, 3], results_table(), reference="B"))
+    assert "p-values vs B:" in two and any(line.startswith("| A | 0.") for line in two.splitlines())
+
+
 def test_report_functions_are_still_importable_from_compare():
     for name in ("aggregate", "common_metrics", "paired_ttest", "ttest_p_values", "summarise", "render_markdown"):
         assert getattr(cmp, name) is getattr(report, name)

@@ -40,8 +40,8 @@ def render_document(payload: dict) -> str:
         f"# {HEADINGS.get(payload['table'], payload['table'])} ({payload['dataset']})",
         "",
         f"Test metrics x100, mean (std) over {len(seeds)} seed{plural} ({', '.join(map(str, seeds))}); the best "
-        f"mean of each block in bold; {MARKER} where a paired t-test against the block's PerPEFT gives "
-        f"p < {SIGNIFICANCE}.",
+        f"mean of each block in bold; {MARKER} where a paired t-test against the block's PerPEFT (its last row "
+        f"where PerPEFT was not run) gives p < {SIGNIFICANCE}.",
     ]
     if training.get("single_stage_epochs") is not None:
         lines.append(f"Equal training: single-stage models {training['single_stage_epochs']} epochs (stage1_epochs + "
