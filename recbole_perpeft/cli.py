@@ -17,7 +17,9 @@ result JSON goes to ``table.runs/<model>-seed<s>.json`` (and is reused when the 
 ``table.json`` / ``table.md`` get mean (std) per model and metric and paired t-tests against ``--ttest``
 (default: the last model). Two-stage models of one seed share one stage-1 GlobalPEFT. ``--runs_from=NAME=PATH,...``
 takes rows from finished runs elsewhere (a folder of ``NAME-seed<s>.json``, or ``folder/label``) instead of
-training them; NAME may be any label listed in ``--model``.
+training them; NAME may be any label listed in ``--model``. ``--extend`` continues finished runs that trained fewer
+epochs than asked now (``epochs``; ``stage2_epochs`` of a two-stage model) by ``--resume``, keeping the shorter
+runs' files (recbole_perpeft/extend_runs.py).
 
 Several processes (RecBole's keys; gloo on a CPU, NCCL on GPUs; see recbole_perpeft/distributed.py). The
 global batch stays ``train_batch_size``, each process trains on its share of every batch:
@@ -52,6 +54,8 @@ def parse_args(argv):
     parser.add_argument("--ttest", default=None, help="compare: the reference model of the paired t-tests")
     parser.add_argument("--runs_from", default=None,
                         help="compare: NAME=PATH,... rows read from finished runs (a folder, or folder/label)")
+    parser.add_argument("--extend", action="store_true",
+                        help="compare: continue finished runs of a shorter schedule to the epochs asked (--resume)")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, rest)
     files = args.config_files.replace(",", " ").split() if args.config_files else None
@@ -83,7 +87,7 @@ def flow_value(value: str):
 
 
 def is_comparison(args) -> bool:
-    return "," in args.model or any(v is not None for v in (args.seeds, args.ttest, args.runs_from))
+    return "," in args.model or args.extend or any(v is not None for v in (args.seeds, args.ttest, args.runs_from))
 
 
 def main(argv=None):
@@ -135,6 +139,7 @@ def run_comparison(args, files, overrides):
         result_file=args.result_file,
         reference=args.ttest,
         runs_from=args.runs_from,
+        extend=args.extend,
     )
 
 if __name__ == "__main__":

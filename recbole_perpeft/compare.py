@@ -12,7 +12,9 @@ Runs go seed by seed, the models of a seed in the given order.
   whose JSON is already there (same model, dataset and seed) is reused, not redone: an interrupted
   comparison continues where it stopped when the same command is run again. Delete the file (or the folder)
   to redo a run, e.g. after changing an override (a reused run whose config differs from an override is
-  reported).
+  reported). With ``--extend``, a run whose config differs only in a shorter schedule (``epochs``, or a two-stage
+  model's ``stage2_epochs``) is continued to the one asked by ``--resume`` from its checkpoints, which ends as
+  the longer run from scratch would (recbole_perpeft/extend_runs.py).
 - Two-stage models (those with ``load_global``: PerPEFT, SharedGroupPEFT and the group-level baselines) share one
   stage 1 per seed: the first grouped model of a seed trains GlobalPEFT, and its ``global_checkpoint`` is
   passed as ``global_checkpoint`` to the seed's later grouped models (unless ``--global_checkpoint`` is given,
@@ -261,10 +263,10 @@ def _as_config_value(value):
 CASE_FREE_KEYS = ("peft_type", "loss_type")
 
 
-def changed_keys(result: dict, overrides: dict) -> list[str]:
-    """Overrides an earlier run's resolved config disagrees with (to warn when reusing it)."""
+def changed_values(result: dict, overrides: dict) -> dict:
+    """{key: (the earlier run's value, the value asked now)} of the overrides its resolved config disagrees with."""
     config = result.get("config") or {}
-    changed = []
+    changed = {}
     for key, value in overrides.items():
         if key in ("seed", "global_checkpoint"):
             continue
@@ -275,9 +277,16 @@ def changed_keys(result: dict, overrides: dict) -> list[str]:
         have = config.get(key)
         if key in CASE_FREE_KEYS and isinstance(have, str) and isinstance(wanted, str):
             have, wanted = have.upper(), wanted.upper()
+        if key == "data_path" and isinstance(wanted, str) and have != wanted:  # RecBole's Config appends
+            wanted = os.path.join(wanted, str(result.get("dataset")))  # the dataset's name
         if key not in config or have != wanted:
-            changed.append(f"{key}={config.get(key)!r} (now {wanted!r})")
+            changed[key] = (config.get(key), value if key == "data_path" else wanted)
     return changed
+
+
+def changed_keys(result: dict, overrides: dict) -> list[str]:
+    """Overrides an earlier run's resolved config disagrees with (to warn when reusing it)."""
+    return [f"{key}={have!r} (now {wanted!r})" for key, (have, wanted) in changed_values(result, overrides).items()]
 
 
 def finished_stage1(rows, dataset: str, seed: int, runs_dir, overrides: dict) -> dict:
@@ -292,13 +301,15 @@ def finished_stage1(rows, dataset: str, seed: int, runs_dir, overrides: dict) ->
 
 
 def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, overrides=None, log="compare",
-             skip=None, stage1_from=None) -> tuple[dict, dict]:
+             skip=None, stage1_from=None, extend=False) -> tuple[dict, dict]:
     """Train (or reuse) every (row, seed), seed by seed, the rows of a seed in order; return ``runs``
     ({label: {seed: run file}}) and ``test_results`` ({label: {seed: test_result}}).
 
     ``skip(row)``: a reason not to run a row (printed once; the row gets no runs), or None. ``stage1_from``:
-    more rows (the rest of a table) whose finished runs' stage 1 the two-stage rows may share."""
+    more rows (the rest of a table) whose finished runs' stage 1 the two-stage rows may share. ``extend``: a
+    finished run that only trained a shorter schedule is continued to this one (recbole_perpeft/extend_runs.py)."""
     from recbole_perpeft import quick_start
+    from recbole_perpeft.extend_runs import SCHEDULE_KEYS, extend_run, extension, schedule_key
 
     rows = check_rows(rows)
     overrides = dict(overrides or {})
@@ -326,11 +337,25 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
             key = stage1_key(row_overrides)
             path = run_file(runs_dir, row.label, seed)
             result = load_run(path, row.model, dataset, seed)
-            if result is not None:
+            lengths = None
+            if result is not None and extend:
+                lengths = extension(result, changed_values(result, row_overrides), grouped[row.model])
+                if isinstance(lengths, str):
+                    raise ValueError(f"--extend: {path} cannot be continued to the schedule asked: {lengths}.")
+            if lengths is not None:
+                key = schedule_key(grouped[row.model])
+                print(f"[{log}] run {done} of {total}: {row.label} seed {seed}: extending {path} ({key} "
+                      f"{lengths[0]} -> {lengths[1]})", flush=True)  # fmt: skip
+                result = extend_run(quick_start.run, result, path, lengths, grouped[row.model],
+                                    dict(model=row.model, dataset=dataset, config_file_list=config_file_list,
+                                         config_dict={**row_overrides, "seed": seed}))  # fmt: skip
+            elif result is not None:
                 print(f"[{log}] run {done} of {total}: {row.label} seed {seed}: reusing {path}", flush=True)
                 changed = changed_keys(result, row_overrides)
                 if changed:
-                    print(f"[{log}] warning: {path} was run with {', '.join(changed)}; delete it to redo it")
+                    schedule_only = set(changed_values(result, row_overrides)) <= set(SCHEDULE_KEYS)
+                    hint = " (or continue it to more epochs with --extend)" if schedule_only and not extend else ""
+                    print(f"[{log}] warning: {path} was run with {', '.join(changed)}; delete it to redo it{hint}")
             else:
                 config_dict = {**row_overrides, "seed": seed}
                 note = ""
@@ -435,9 +460,11 @@ def compare(
     result_file=None,
     reference=None,
     runs_from=None,
+    extend=False,
 ) -> dict:
     """Train (or reuse) every (model, seed), write the comparison JSON and Markdown; return the JSON dict.
-    ``runs_from`` ({name: path} or 'NAME=PATH,...'): rows read from finished runs, not trained."""
+    ``runs_from`` ({name: path} or 'NAME=PATH,...'): rows read from finished runs, not trained. ``extend``:
+    finished runs of a shorter schedule are continued to this one (run_rows)."""
     models = parse_models(models)
     overrides = dict(overrides or {})
     sources = parse_runs_from(runs_from)
@@ -460,7 +487,7 @@ def compare(
     runs, test_results = read_source_rows(sources, dataset, seed_list, overrides)  # before anything trains
     if trained:
         more_runs, more_results = run_rows([Row(m, m, {}) for m in trained], dataset, seed_list, runs_dir,
-                                           config_file_list, overrides)  # fmt: skip
+                                           config_file_list, overrides, extend=extend)  # fmt: skip
         runs.update(more_runs)
         test_results.update(more_results)
     runs = {model: runs[model] for model in models}

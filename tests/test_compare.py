@@ -344,7 +344,7 @@ def test_command_line_picks_single_run_or_comparison(entry_calls):
     kind, args, kwargs = entry_calls[-1]
     assert kind == "compare" and args == ("A,B", "D")
     assert kwargs == {"seeds": 2, "config_file_list": ["x.yaml"], "overrides": {"epochs": "1"},
-                      "result_file": "t.json", "reference": None, "runs_from": None}  # fmt: skip
+                      "result_file": "t.json", "reference": None, "runs_from": None, "extend": False}  # fmt: skip
 
     main(["--model=A", "--dataset=D", "--seeds=1,5"])  # --seeds alone: a comparison of one model
     assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["seeds"] == [1, 5]
@@ -353,7 +353,9 @@ def test_command_line_picks_single_run_or_comparison(entry_calls):
     assert entry_calls[-1][2]["reference"] == "A"
     main(["--model=A", "--runs_from=A=old.runs"])  # --runs_from alone: a comparison too
     assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["runs_from"] == "A=old.runs"
-    assert len(entry_calls) == 5
+    main(["--model=A", "--extend", "--epochs=20"])  # --extend alone: a comparison too (continuing its runs)
+    assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["extend"] is True
+    assert len(entry_calls) == 6
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from recbole_perpeft.reproduce import Entry, reproduce, runner, table_entries
 from recbole_perpeft.reproduce.__main__ import main as reproduce_main
 from recbole_perpeft.reproduce.paper import load_paper
 from tests.fake_runs import FakeRun, install
-from tests.tiny import make_atomic_dataset, make_tiny_clip, two_stage_keys
+from tests.tiny import make_atomic_dataset, table_keys
 
 GROUPED = {"PerPEFT", "GroupLevel1", "GroupLevel2"}
 BASE = {"WithoutMM": 0.10, "FrozenMM": 0.15, "GlobalPEFT": 0.20, "UserLevel1": 0.21, "UserLevel2": 0.22,
@@ -271,7 +271,9 @@ def test_command_line(monkeypatch, capsys):
                     "--config_files=a.yaml,b.yaml", "--rows=w/o MM,PerPEFT"])  # fmt: skip
     assert calls == [(("3", "D"), {"peft": "IISAN", "seeds": [1, 2], "result_dir": None,
                                    "config_file_list": ["a.yaml", "b.yaml"], "only": "w/o MM,PerPEFT",
-                                   "overrides": {"epochs": "3", "topk": [5, 10]}})]  # fmt: skip
+                                   "overrides": {"epochs": "3", "topk": [5, 10]}, "extend": False})]  # fmt: skip
+    reproduce_main(["--table=2", "--dataset=D", "--stage2_epochs=27", "--extend"])
+    assert calls[-1][1]["extend"] is True and calls[-1][1]["overrides"] == {"stage2_epochs": "27"}
 
     def failing(*args, **kwargs):
         raise ValueError("--peft_type: a table sets ...")
@@ -293,11 +295,7 @@ def test_real_rows_end_to_end(tmp_path, monkeypatch, capsys):
     """GlobalPEFT and three two-stage rows on a tiny dataset with a tiny CLIP, stages of 1 epoch: GlobalPEFT
     trains 2, GroupLevel1 reuses PerPEFT's stage 1, w/o text trains its own; a rerun trains nothing."""
     monkeypatch.chdir(tmp_path)  # RecBole writes log/ and log_tensorboard/ in the working directory
-    clip = make_tiny_clip(tmp_path / "clip")
-    keys = two_stage_keys(tmp_path, make_atomic_dataset(tmp_path / "data", "e2eds", n_users=24, n_items=20),
-                          clip.path)  # fmt: skip
-    keys.pop("epochs")
-    keys["state"] = "WARNING"
+    keys = table_keys(tmp_path, "e2eds")
     entries = [Entry("LORA", "GlobalPEFT", Row("GlobalPEFT", "GlobalPEFT", {})),
                Entry("LORA", "PerPEFT", Row("PerPEFT", "PerPEFT", {})),
                Entry("LORA", "GroupLevel1", Row("GroupLevel1", "GroupLevel1", {})),

@@ -339,6 +339,15 @@ def two_stage_keys(root, data_keys: dict, clip_path: str) -> dict:
     )
 
 
+def table_keys(root, dataset: str) -> dict:
+    """two_stage_keys for a reproduce table of real tiny runs (24 users, 20 items): no ``epochs`` (the table sets
+    the single-stage rows' from the stages), RecBole's log at WARNING."""
+    clip = make_tiny_clip(Path(root) / "clip")
+    keys = two_stage_keys(root, make_atomic_dataset(Path(root) / "data", dataset, n_users=24, n_items=20), clip.path)
+    keys.pop("epochs")
+    return {**keys, "state": "WARNING"}
+
+
 def build_stage1_env(root, model: str, dataset: str, n_users: int, n_items: int, missing_images=(),
                      empty_titles=()):  # fmt: skip
     """Data, loaders, the trained stage-1 GlobalPEFT (with its checkpoint) and the user groups of a

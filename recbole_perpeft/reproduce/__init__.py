@@ -1,7 +1,7 @@
 """One command per paper table: run its rows over seeds and write JSON, Markdown and a PNG chart.
 
     python -m recbole_perpeft.reproduce --table=2|3|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
-        [--result_dir=DIR] [--config_files=a.yaml] [--key=value ...]
+        [--rows=A,B] [--extend] [--result_dir=DIR] [--config_files=a.yaml] [--key=value ...]
 
 - The tables' rows (tables.py): Table 2 per PEFT type (w/o MM, FrozenMM, GlobalPEFT, UserLevel1/2, GroupLevel1/2,
   PerPEFT; w/o MM and FrozenMM run once and show in every block), Table 3's ablations on the first PEFT type (plus
@@ -9,7 +9,9 @@
 - Equal training: single-stage rows train ``stage1_epochs + stage2_epochs`` epochs (10 + 20 = 30 by default)
   unless ``--epochs`` is given; two-stage rows train their two stages. Two-stage rows whose settings differ only
   in stage-2 keys share one stage-1 GlobalPEFT per seed (recbole_perpeft.compare.run_rows).
-- Runs go to ``<result_dir>/runs/<label>-seed<s>.json`` and are reused when the command is run again.
+- Runs go to ``<result_dir>/runs/<label>-seed<s>.json`` and are reused when the command is run again. With
+  ``--extend``, finished runs of a shorter schedule (the table at 10 epochs, asked now with more) are continued
+  to the new one by ``--resume`` instead, the shorter runs' files kept (recbole_perpeft/extend_runs.py).
 - ``<result_dir>/<table2|table3|missing>.json``: every row's per-seed values, mean and std, and per block the
   comparison summary (recbole_perpeft.compare_report: paired t-tests against the block's PerPEFT); ``.md``: the
   blocks as the paper prints them, with the paper's numbers beside ours where paper_tables.yaml has them;

@@ -1,5 +1,6 @@
 """python -m recbole_perpeft.reproduce --table=2|3|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
-[--rows=A,B] [--result_dir=DIR] [--config_files=a.yaml,b.yaml] [--key=value ...]: see reproduce/__init__.py."""
+[--rows=A,B] [--extend] [--result_dir=DIR] [--config_files=a.yaml,b.yaml] [--key=value ...]: see
+reproduce/__init__.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def parse_args(argv):
     parser.add_argument("--seeds", default="3", help="a count (3: the config's seed and the two after) or a list")
     parser.add_argument("--rows", default=None, help="only these rows, as the table names them (e.g. "
                         "'w/o MM,FrozenMM,GlobalPEFT,PerPEFT'); their runs are reused by the whole table later")
+    parser.add_argument("--extend", action="store_true", help="continue finished runs of a shorter schedule "
+                        "(fewer epochs / stage2_epochs) to the one asked, by --resume, keeping the shorter runs")
     parser.add_argument("--result_dir", default=None, help="default reproduce-<dataset>-table<N>/")
     parser.add_argument("--config_files", default=None, help="comma- or space-separated YAML files")
     args, rest = parser.parse_known_args(argv)
@@ -37,7 +40,8 @@ def main(argv=None) -> None:
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         reproduce(args.table, args.dataset, peft=args.peft, seeds=parse_seeds(args.seeds),
-                  result_dir=args.result_dir, config_file_list=files, overrides=overrides, only=args.rows)  # fmt: skip
+                  result_dir=args.result_dir, config_file_list=files, overrides=overrides, only=args.rows,
+                  extend=args.extend)  # fmt: skip
     except (TrainingInterrupted, KeyboardInterrupt):
         print("interrupted: run the same command again; finished runs are reused.", file=sys.stderr)
         sys.exit(130)
