@@ -103,5 +103,5 @@ def extend_run(run, result: dict, path: Path, lengths: tuple[int, int], grouped:
     with atomic_output(str(kept)) as tmp:
         shutil.copyfile(path, tmp)
     os.replace(partial, path)  # the old JSON is kept first: a kill in between loses nothing
-    print(f"[extend] {path}: {key} {old} -> {new}; the {old}-epoch result is kept as {kept}", flush=True)
+    print(f"[extend] {path}: {key} {old} -> {new}; the {key}={old} result is kept as {kept}", flush=True)
     return longer
