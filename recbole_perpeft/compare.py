@@ -284,9 +284,14 @@ def changed_values(result: dict, overrides: dict) -> dict:
     return changed
 
 
+def describe_changes(changed: dict) -> list[str]:
+    """changed_values as the reuse warning prints them."""
+    return [f"{key}={have!r} (now {wanted!r})" for key, (have, wanted) in changed.items()]
+
+
 def changed_keys(result: dict, overrides: dict) -> list[str]:
     """Overrides an earlier run's resolved config disagrees with (to warn when reusing it)."""
-    return [f"{key}={have!r} (now {wanted!r})" for key, (have, wanted) in changed_values(result, overrides).items()]
+    return describe_changes(changed_values(result, overrides))
 
 
 def finished_stage1(rows, dataset: str, seed: int, runs_dir, overrides: dict) -> dict:
@@ -337,25 +342,23 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
             key = stage1_key(row_overrides)
             path = run_file(runs_dir, row.label, seed)
             result = load_run(path, row.model, dataset, seed)
-            lengths = None
-            if result is not None and extend:
-                lengths = extension(result, changed_values(result, row_overrides), grouped[row.model])
-                if isinstance(lengths, str):
-                    raise ValueError(f"--extend: {path} cannot be continued to the schedule asked: {lengths}.")
+            changed = changed_values(result, row_overrides) if result is not None else {}
+            lengths = extension(result, changed, grouped[row.model]) if result is not None and extend else None
+            if isinstance(lengths, str):
+                raise ValueError(f"--extend: {path} cannot be continued to the schedule asked: {lengths}.")
             if lengths is not None:
-                key = schedule_key(grouped[row.model])
-                print(f"[{log}] run {done} of {total}: {row.label} seed {seed}: extending {path} ({key} "
-                      f"{lengths[0]} -> {lengths[1]})", flush=True)  # fmt: skip
+                print(f"[{log}] run {done} of {total}: {row.label} seed {seed}: extending {path} "
+                      f"({schedule_key(grouped[row.model])} {lengths[0]} -> {lengths[1]})", flush=True)  # fmt: skip
                 result = extend_run(quick_start.run, result, path, lengths, grouped[row.model],
                                     dict(model=row.model, dataset=dataset, config_file_list=config_file_list,
                                          config_dict={**row_overrides, "seed": seed}))  # fmt: skip
             elif result is not None:
                 print(f"[{log}] run {done} of {total}: {row.label} seed {seed}: reusing {path}", flush=True)
-                changed = changed_keys(result, row_overrides)
                 if changed:
-                    schedule_only = set(changed_values(result, row_overrides)) <= set(SCHEDULE_KEYS)
-                    hint = " (or continue it to more epochs with --extend)" if schedule_only and not extend else ""
-                    print(f"[{log}] warning: {path} was run with {', '.join(changed)}; delete it to redo it{hint}")
+                    hint = " (or continue it to more epochs with --extend)" if set(changed) <= set(SCHEDULE_KEYS) \
+                        and not extend else ""
+                    print(f"[{log}] warning: {path} was run with {', '.join(describe_changes(changed))}; delete it "
+                          f"to redo it{hint}")
             else:
                 config_dict = {**row_overrides, "seed": seed}
                 note = ""
