@@ -305,6 +305,25 @@ def finished_stage1(rows, dataset: str, seed: int, runs_dir, overrides: dict) ->
     return found
 
 
+def check_extensions(rows, grouped: dict, dataset: str, seed_list, runs_dir, overrides: dict) -> None:
+    """--extend, before anything trains: every finished run the command would continue can be continued, or a
+    ValueError names each one that cannot and why (a refusal met halfway would leave the table half extended)."""
+    from recbole_perpeft.extend_runs import extension
+
+    refused = []
+    for seed in seed_list:
+        for row in rows:
+            path = run_file(runs_dir, row.label, seed)
+            result = load_run(path, row.model, dataset, seed, quiet=True)
+            if result is None:
+                continue
+            lengths = extension(result, changed_values(result, {**overrides, **row.overrides}), grouped[row.model])
+            if isinstance(lengths, str):
+                refused.append(f"{path} cannot be continued to the schedule asked: {lengths}")
+    if refused:
+        raise ValueError("--extend: nothing was trained: " + "; ".join(refused) + ".")
+
+
 def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, overrides=None, log="compare",
              skip=None, stage1_from=None, extend=False) -> tuple[dict, dict]:
     """Train (or reuse) every (row, seed), seed by seed, the rows of a seed in order; return ``runs``
@@ -329,6 +348,8 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
     total = len(todo) * len(seed_list)
     print(f"[{log}] {len(todo)} rows x {len(seed_list)} seeds ({', '.join(map(str, seed_list))}) on "
           f"{dataset}: {total} runs, results in {runs_dir}/", flush=True)  # fmt: skip
+    if extend:
+        check_extensions(todo, grouped, dataset, seed_list, runs_dir, overrides)
     runs = {row.label: {} for row in todo}
     test_results = {row.label: {} for row in todo}
     done = 0
@@ -344,7 +365,7 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
             result = load_run(path, row.model, dataset, seed)
             changed = changed_values(result, row_overrides) if result is not None else {}
             lengths = extension(result, changed, grouped[row.model]) if result is not None and extend else None
-            if isinstance(lengths, str):
+            if isinstance(lengths, str):  # (check_extensions saw it continuable: its files changed since)
                 raise ValueError(f"--extend: {path} cannot be continued to the schedule asked: {lengths}.")
             if lengths is not None:
                 print(f"[{log}] run {done} of {total}: {row.label} seed {seed}: extending {path} "

@@ -111,3 +111,16 @@ def test_a_table_extended_from_1_plus_1_to_1_plus_2_equals_it_trained_from_scrat
     capsys.readouterr()
     reproduce(**table, result_dir=tmp_path / "ext", overrides=longer, extend=True)
     assert capsys.readouterr().out.count("reusing") == 2  # extended once, then reused
+
+
+def test_extend_checks_every_run_before_training_any(tmp_path, monkeypatch):
+    # Seed 1 is new (it would train first), seeds 2 and 3 finished without checkpoints: the refusal comes before
+    # seed 1 trains and names both, so a half-extended table never happens.
+    fake = install(monkeypatch, FakeRun(tmp_path, lambda model, config: 0.2, grouped=()), cmp)
+    runs_dir, row = tmp_path / "runs", Row("GlobalPEFT", "GlobalPEFT", {})
+    cmp.run_rows([row], "ds", [2, 3], runs_dir, overrides={"epochs": 10})
+    with pytest.raises(ValueError, match=r"nothing was trained.*seed2.json cannot.*seed3.json cannot") as refused:
+        cmp.run_rows([row], "ds", [1, 2, 3], runs_dir, overrides={"epochs": 20}, extend=True)
+    assert "seed1" not in str(refused.value)
+    assert len(fake.calls) == 2  # the two first runs only
+    assert not (runs_dir / "GlobalPEFT-seed1.json").exists()
