@@ -305,6 +305,10 @@ def finished_stage1(rows, dataset: str, seed: int, runs_dir, overrides: dict) ->
     return found
 
 
+def _refusal(path, reason: str) -> str:
+    return f"{path} cannot be continued to the schedule asked: {reason}"
+
+
 def check_extensions(rows, grouped: dict, dataset: str, seed_list, runs_dir, overrides: dict) -> None:
     """--extend, before anything trains: every finished run the command would continue can be continued, or a
     ValueError names each one that cannot and why (a refusal met halfway would leave the table half extended)."""
@@ -319,7 +323,7 @@ def check_extensions(rows, grouped: dict, dataset: str, seed_list, runs_dir, ove
                 continue
             lengths = extension(result, changed_values(result, {**overrides, **row.overrides}), grouped[row.model])
             if isinstance(lengths, str):
-                refused.append(f"{path} cannot be continued to the schedule asked: {lengths}")
+                refused.append(_refusal(path, lengths))
     if refused:
         raise ValueError("--extend: nothing was trained: " + "; ".join(refused) + ".")
 
@@ -366,7 +370,7 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
             changed = changed_values(result, row_overrides) if result is not None else {}
             lengths = extension(result, changed, grouped[row.model]) if result is not None and extend else None
             if isinstance(lengths, str):  # (check_extensions saw it continuable: its files changed since)
-                raise ValueError(f"--extend: {path} cannot be continued to the schedule asked: {lengths}.")
+                raise ValueError(f"--extend: {_refusal(path, lengths)}.")
             if lengths is not None:
                 print(f"[{log}] run {done} of {total}: {row.label} seed {seed}: extending {path} "
                       f"({schedule_key(grouped[row.model])} {lengths[0]} -> {lengths[1]})", flush=True)  # fmt: skip
