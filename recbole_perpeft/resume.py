@@ -133,6 +133,12 @@ def set_loader_state(loader, state: dict) -> None:
         loader.generator.set_state(state["generator"])
 
 
+def _plain_config(config) -> dict:
+    from recbole_perpeft.quick_start import json_safe  # (quick_start imports this module)
+
+    return json_safe(config.final_config_dict)
+
+
 # --- the trainer side ------------------------------------------------------------------------------------
 
 
@@ -167,6 +173,8 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
             stopped_early=bool(self.stopped_early),
             epoch_seconds=list(self.epoch_seconds),
             rng_state=rng_state(),
+            # The whole resolved config, so that recbole_perpeft.load(checkpoint) needs nothing re-supplied.
+            run_config=_plain_config(self.config),
         )
         if self._rank_rng_states is not None:
             state["rank_rng_states"] = self._rank_rng_states
