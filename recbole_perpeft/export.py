@@ -95,8 +95,9 @@ def grouping_parts(groups, model) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def export(run, directory: str) -> str:
-    """Write the export of ``run`` (a recommend.TrainedRun) into ``directory``; returns it."""
+def export(run, directory: str, recommender=None) -> str:
+    """Write the export of ``run`` (a recommend.TrainedRun; ``recommender`` its Recommender if built) into
+    ``directory``; returns it."""
     from safetensors.torch import save_file
 
     model, config = run.model, run.config
@@ -113,7 +114,7 @@ def export(run, directory: str) -> str:
     if groups is not None:
         grouping, grouping_weights = grouping_parts(groups, model)
         weights.update(grouping_weights)
-    recommender = run.recommender()
+    recommender = recommender or run.recommender()
     weights.update({"users.histories": recommender.histories, "users.lengths": recommender.lengths,
                     "users.seen_indptr": recommender.seen_indptr, "users.seen_indices": recommender.seen_indices})
     meta = {

@@ -91,10 +91,11 @@ class TrainedRun:
     def recommender(self, batch_size: int = 256) -> Recommender:
         return Recommender(self, batch_size)
 
-    def export(self, directory: str) -> str:
+    def export(self, directory: str, recommender: Recommender | None = None) -> str:
+        """Write the table export (recbole_perpeft/export.py); ``recommender``: this run's, if built already."""
         from recbole_perpeft.export import export
 
-        return export(self, directory)
+        return export(self, directory, recommender)
 
 
 def load(checkpoint_or_result: str, overrides: dict | None = None) -> TrainedRun:

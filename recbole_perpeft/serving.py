@@ -134,26 +134,28 @@ class TokenRecommender:
 
     def sequences(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, max_seq_length] left-aligned histories (a request's own, else the user's stored one) and lengths."""
-        seqs = torch.zeros(len(batch), self.max_seq_length, dtype=torch.long)
-        lengths = torch.zeros(len(batch), dtype=torch.long)
-        for i, r in enumerate(batch):
-            if r.history:
-                items = torch.tensor(r.history[-self.max_seq_length :], dtype=torch.long)
-            else:
-                items = self.histories[r.user, : int(self.lengths[r.user])]
-            seqs[i, : len(items)] = items
-            lengths[i] = len(items)
+        users = torch.tensor([r.user for r in batch], dtype=torch.long)
+        seqs, lengths = self.histories[users].clone(), self.lengths[users].clone()
+        given = [i for i, r in enumerate(batch) if r.history]
+        if given:
+            width = self.max_seq_length
+            rows = [batch[i].history[-width:] for i in given]
+            seqs[given] = torch.tensor([h + [0] * (width - len(h)) for h in rows], dtype=torch.long)
+            lengths[given] = torch.tensor([len(h) for h in rows], dtype=torch.long)
         return seqs, lengths
 
     def seen_pairs(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, items) of every item a request's user has or its history holds."""
-        rows, items = [], []
-        for i, r in enumerate(batch):
-            own = self.seen_indices[int(self.seen_indptr[r.user]) : int(self.seen_indptr[r.user + 1])]
-            ids = torch.cat([own, torch.tensor(r.history, dtype=torch.long)])
-            rows.append(torch.full((len(ids),), i, dtype=torch.long))
-            items.append(ids)
-        return torch.cat(rows), torch.cat(items)
+        """(rows, items) of every item a request's user has (CSR rows gathered at once) or its history holds."""
+        users = torch.tensor([r.user for r in batch], dtype=torch.long)
+        starts, counts = self.seen_indptr[users], self.seen_indptr[users + 1] - self.seen_indptr[users]
+        rows = torch.repeat_interleave(torch.arange(len(batch)), counts)
+        offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        items = self.seen_indices[torch.repeat_interleave(starts, counts) + offsets]
+        given = [(i, item) for i, r in enumerate(batch) for item in r.history]
+        if given:
+            extra = torch.tensor(given, dtype=torch.long)
+            rows, items = torch.cat([rows, extra[:, 0]]), torch.cat([items, extra[:, 1]])
+        return rows, items
 
     def score(self, users: torch.Tensor, seqs: torch.Tensor, lengths: torch.Tensor):
         """([B, n_items] scores, [B] groups or None) of a batch (``users`` 0: new)."""
