@@ -51,17 +51,20 @@ class TrainedRun:
         return Config(model=self.model_name, dataset=self.dataset_name, config_dict=config_dict)
 
     @cached_property
-    def splits(self) -> tuple:
-        """(train, valid, test) datasets, as the run built them."""
+    def loaders(self) -> tuple:
+        """(train, valid, test) data loaders, as the run built them."""
         from recbole.utils import init_seed
 
         from recbole_perpeft.data import create_dataset, data_preparation
         from recbole_perpeft.utils import get_model
 
         init_seed(self.config["seed"], self.config["reproducibility"])
-        loaders = data_preparation(self.config, create_dataset(self.config), get_model(self.model_name))
-        self.loaders = loaders
-        return tuple(loader._dataset if hasattr(loader, "_dataset") else loader.dataset for loader in loaders)
+        return tuple(data_preparation(self.config, create_dataset(self.config), get_model(self.model_name)))
+
+    @property
+    def splits(self) -> tuple:
+        """(train, valid, test) datasets."""
+        return tuple(loader._dataset if hasattr(loader, "_dataset") else loader.dataset for loader in self.loaders)
 
     @property
     def dataset(self):

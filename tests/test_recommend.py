@@ -193,3 +193,27 @@ def test_a_checkpoint_without_its_config_asks_for_the_result_json(runs, tmp_path
     patched.write_text(json.dumps({**json.loads(Path(result["result_file"]).read_text()), "checkpoint": str(old)}))
     run = recbole_perpeft.load(str(patched))
     assert run.config["MAX_ITEM_LIST_LENGTH"] == 6 and run.recommender().recommend(user="u1", k=3).items
+
+
+@pytest.mark.parametrize("method", ["kmeans", "gmm", "random"])
+def test_the_exports_group_assignment_is_the_groupings_own(method):
+    """TableRecommender.assign (torch only) against UserGroups.assign (numpy / scikit-learn), as
+    PerPEFT.recommend calls it: one user at a time."""
+    import numpy as np
+
+    from recbole_perpeft.export import grouping_parts
+    from recbole_perpeft.grouping import fit_user_groups
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 4)) * 3
+    vectors = (centres[rng.integers(3, size=60)] + rng.normal(size=(60, 4))).astype(np.float32)
+    groups = fit_user_groups(vectors, np.arange(1, 61), 61, n_groups=3, method=method, seed=7)
+    model = type("Model", (), {"group_of_user": torch.as_tensor(groups.labels)})()
+    meta, weights = grouping_parts(groups, model)
+    served = TableRecommender.__new__(TableRecommender)
+    served.grouping, served.group_weights = meta, {k[len("grouping."):]: v for k, v in weights.items()}
+    new = (centres[rng.integers(3, size=40)] + 1.5 * rng.normal(size=(40, 4))).astype(np.float32)
+    expected = [int(groups.assign(v[None])[0]) for v in new]
+    assert served.assign(torch.from_numpy(new)).tolist() == expected
+    if method != "random":
+        assert len(set(expected)) > 1  # (the check covers several groups)
