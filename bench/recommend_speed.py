@@ -90,6 +90,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--raw_dir", default=str(SCIENTIFIC))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recommend_speed"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--tiny", action="store_true", help="smoke mode: generated data, tiny CLIP, 200 requests")
     args = parser.parse_args()
     if args.tiny:
@@ -102,6 +103,8 @@ def main():
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import recbole_perpeft
     from recbole_perpeft.serving import Request, TableRecommender
 

@@ -195,7 +195,7 @@ class SequenceEncoder(nn.Module):
         width = item_vectors.shape[1]
         x = self.norm(item_vectors + self.position.weight[:width])
         # Left-aligned sequences: under the causal mask the last item never sees padding.
-        mask = torch.triu(torch.ones(width, width, dtype=torch.bool, device=x.device), diagonal=1)
+        mask = torch.full((width, width), -torch.inf, device=x.device).triu(diagonal=1)
         for layer in self.layers:
             x = layer(x, src_mask=mask)
         return x[torch.arange(len(x), device=x.device), lengths - 1]
