@@ -22,6 +22,7 @@ checkpoint resumes on any number of processes (bit for bit on the same number).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -134,9 +135,9 @@ def set_loader_state(loader, state: dict) -> None:
 
 
 def _plain_config(config) -> dict:
-    from recbole_perpeft.quick_start import json_safe  # (quick_start imports this module)
-
-    return json_safe(config.final_config_dict)
+    """The resolved config as plain values (quick_start.json_safe's conversion; not imported: an import circle)."""
+    plain = json.dumps(config.final_config_dict, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    return json.loads(plain)
 
 
 # --- the trainer side ------------------------------------------------------------------------------------
