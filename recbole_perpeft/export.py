@@ -101,9 +101,9 @@ def export(run, directory: str, recommender=None) -> str:
     from safetensors.torch import save_file
 
     model, config = run.model, run.config
+    tables, encoders, groups = model_parts(model, config)
     if str(config["hidden_act"]) not in ACTIVATIONS:
         raise ValueError(f"hidden_act {config['hidden_act']!r}: the export's torch layers compute {ACTIVATIONS}.")
-    tables, encoders, groups = model_parts(model, config)
     weights = {f"table.{k}": v for k, v in tables.items()}
     sizes = None
     for name, module in encoders.items():

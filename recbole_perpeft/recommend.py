@@ -191,8 +191,8 @@ class Recommender(TokenRecommender):
         if self.sequential:
             fields.update({model.ITEM_SEQ: seqs, model.ITEM_SEQ_LEN: lengths.clamp(min=1)})
         batch = Interaction(fields).to(device)
-        if not self.grouped:
-            return model.full_sort_predict(batch), None
+        if not self.grouped:  # (RecBole's general models return the scores flat)
+            return model.full_sort_predict(batch).view(len(users), -1), None
         group_of_user = model.group_of_user.cpu()
         known = (users > 0) & (group_of_user[users] >= 0)  # (a user left out of the grouping is served as new)
         scores = torch.empty(len(users), len(self.item_tokens), device=device)

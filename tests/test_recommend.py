@@ -217,3 +217,34 @@ def test_the_exports_group_assignment_is_the_groupings_own(method):
     assert served.assign(torch.from_numpy(new)).tolist() == expected
     if method != "random":
         assert len(set(expected)) > 1  # (the check covers several groups)
+
+
+@pytest.mark.parametrize("model", ["BPR", "GRU4Rec"])
+def test_other_recbole_models_load_and_serve_what_they_can(model, tmp_path, monkeypatch):
+    """A general model (BPR) serves its known users only; another sequential one (GRU4Rec) new users too;
+    neither exports (their scoring is not a table + SASRec encoder), each refusal naming the model."""
+    from recbole.data.interaction import Interaction
+
+    from recbole_perpeft.quick_start import run
+
+    monkeypatch.chdir(tmp_path)
+    keys = make_atomic_dataset(tmp_path / "data", "otherds", n_users=30, n_items=25, with_images=False)
+    config = {"epochs": 1, "checkpoint_dir": str(tmp_path / "saved"), "show_progress": False, "state": "WARNING",
+              "topk": [5], "valid_metric": "hit@5", **keys}  # fmt: skip
+    loaded = recbole_perpeft.load(run(model, "otherds", config_dict=config)["checkpoint"])
+    rec = loaded.recommender()
+    users = rec.user_tokens[1:]
+    got = rec.recommend(user=users, k=K, exclude_seen=False)
+    ids = torch.tensor([rec.user_index[u] for u in users])
+    if model == "BPR":
+        with torch.no_grad():
+            scores = loaded.model.full_sort_predict(Interaction({loaded.model.USER_ID: ids})).view(len(ids), -1)
+        scores[:, 0] = -torch.inf
+        assert [g.items for g in got] == [[rec.item_tokens[i] for i in row] for row in scores.topk(K).indices.tolist()]
+        with pytest.raises(ValueError, match="BPR scores only the users it was trained on"):
+            rec.recommend(history=["101"], k=K)
+    else:
+        assert len(rec.recommend(history=["101", "102"], k=K).items) == K
+        assert all(len(g.items) == K for g in got)
+    with pytest.raises(ValueError, match=f"{model} scores users otherwise"):
+        loaded.export(str(tmp_path / "export"))
