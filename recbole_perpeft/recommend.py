@@ -173,8 +173,12 @@ class Recommender(TokenRecommender):
         self.histories, self.lengths, self.seen_indptr, self.seen_indices = known_users(
             run.splits, len(self.user_tokens), self.max_seq_length)  # fmt: skip
         self.grouped = hasattr(self.model, "interest_vectors") and hasattr(self.model, "group_of_user")
+        from recbole_perpeft.model.personalisation import PersonalisedGlobalPEFT
+
         backbone = getattr(self.model, "backbone_name", "SASRec")
-        self.serves_new_users = self.sequential and backbone == "SASRec"
+        # (the personal-vector baselines read a vector per known user or group: none for a new user)
+        personal = isinstance(self.model, PersonalisedGlobalPEFT)
+        self.serves_new_users = self.sequential and backbone == "SASRec" and not personal
 
     def resolve(self, user=None, history=None) -> Request:
         request = super().resolve(user, history)
