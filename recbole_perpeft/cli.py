@@ -93,13 +93,12 @@ def is_comparison(args) -> bool:
 
 
 def main(argv=None):
-    command = (sys.argv[1:] if argv is None else argv)[:1]
-    if command and command[0] in ("recommend", "export"):  # subcommands: recbole_perpeft/recommend_cli.py
+    from recbole_perpeft.resume import TrainingInterrupted
+
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["recommend"], ["export"]):  # recommend_cli.py
         from recbole_perpeft.recommend_cli import main as subcommand
 
         return subcommand(sys.argv[1:] if argv is None else argv)
-    from recbole_perpeft.resume import TrainingInterrupted
-
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if is_comparison(args):
