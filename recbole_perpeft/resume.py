@@ -22,7 +22,6 @@ checkpoint resumes on any number of processes (bit for bit on the same number).
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -136,6 +135,8 @@ def set_loader_state(loader, state: dict) -> None:
 
 def _plain_config(config) -> dict:
     """The resolved config as plain values (quick_start.json_safe's conversion; not imported: an import circle)."""
+    import json
+
     plain = json.dumps(config.final_config_dict, default=lambda v: v.item() if hasattr(v, "item") else str(v))
     return json.loads(plain)
 
@@ -174,13 +175,13 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
             stopped_early=bool(self.stopped_early),
             epoch_seconds=list(self.epoch_seconds),
             rng_state=rng_state(),
-            # The whole resolved config, so that recbole_perpeft.load(checkpoint) needs nothing re-supplied.
-            run_config=_plain_config(self.config),
         )
         if self._rank_rng_states is not None:
             state["rank_rng_states"] = self._rank_rng_states
         if self._train_data is not None:
             state["loader_state"] = loader_state(self._train_data)
+        # The whole resolved config, so that recbole_perpeft.load(checkpoint) needs nothing re-supplied.
+        state["run_config"] = _plain_config(self.config)
         return state
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
