@@ -70,6 +70,8 @@ class TokenRecommender:
         )
         if not many:
             return self.recommend_requests([self.resolve(user, history)], k, exclude_seen)[0]
+        if user is not None and not isinstance(user, (list, tuple)):
+            raise ValueError("a list of histories takes a list of users (one per history), or none.")
         users = list(user) if user is not None else [None] * len(history)
         histories = list(history) if history is not None else [None] * len(users)
         if len(users) != len(histories):
