@@ -157,6 +157,22 @@ def require_columns(path: str, header: list[tuple[str, str]], fields: dict[str, 
             )
 
 
+def require_float_time(path: str, header: list[tuple[str, str]], time_field: str | None, load_col) -> None:
+    """The time field must be ``float``: RecBole orders each user's interactions by it, and a ``token``
+    column would be ordered by the order of first appearance of its values (a string type by nothing at all)."""
+    types = dict(header)
+    if not time_field or time_field not in types or types[time_field] == "float":
+        return
+    if load_col is not None and time_field not in load_col:
+        return  # not read: sequences keep the file's order
+    listed = "\t".join(f"{n}:{t}" for n, t in header)
+    raise ValueError(
+        f"{os.path.basename(path)} header declares the time field as {time_field}:{types[time_field]} ({path}; "
+        f"header: {listed!r}): interactions are ordered by it, so it must be {time_field}:float (Unix seconds or "
+        "any number); change the header, or set TIME_FIELD to another column."
+    )
+
+
 def scan_rows(path: str, sep: str, encoding, n_fields: int, refuse_fewer: bool) -> Scan:
     """Refuse a line with more fields than the header (pandas would drop the extra values, or, on the
     first line, shift every column by one), and with ``refuse_fewer`` one with fewer. Returns the

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureSource, FeatureType
 
@@ -41,6 +42,7 @@ class MultimodalSequentialDataset(SequentialDataset):
         header = checks.read_header(filepath, sep, encoding, what.get(source, "rows"))
         if is_inter:
             checks.require_columns(filepath, header, {"USER_ID_FIELD": self.uid_field, "ITEM_ID_FIELD": self.iid_field})
+            checks.require_float_time(filepath, header, self.time_field, load_col)
         elif source in (FeatureSource.ITEM, FeatureSource.USER):
             if source == FeatureSource.ITEM:
                 checks.require_columns(filepath, header, {"ITEM_ID_FIELD": self.iid_field})
@@ -84,6 +86,16 @@ class MultimodalSequentialDataset(SequentialDataset):
                 f"({plural(len(missing), 'such line')}; {filepath}): every interaction needs one (sequences are "
                 "ordered by it); fill it in or remove these lines."
             )
+
+    def _dataframe_to_interaction(self, data):
+        """RecBole's, but the time field stays float64: RecBole's float32 rounds Unix seconds to 64-second
+        steps (886324817 -> 886324992), which reorders a user's interactions wherever sequences are sorted."""
+        inter = super()._dataframe_to_interaction(data)
+        time = self.time_field
+        if time and time in data and self.field2type.get(time) == FeatureType.FLOAT:
+            if time not in (self.config["numerical_features"] or []):
+                inter[time] = torch.from_numpy(data[time].to_numpy(dtype=np.float64, copy=True))
+        return inter
 
     def _note_repeated_rows(self, feat, filepath, source, lines):
         id_field = self.iid_field if source == FeatureSource.ITEM else self.uid_field
