@@ -3,12 +3,17 @@ image decoding, and cache builds that survive a full disk and a stuck lock holde
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from recbole_perpeft.config import Config
 from recbole_perpeft.data import create_dataset, data_preparation
+from recbole_perpeft.data.modality_store import load_image
+from tests.test_caches import image_store
 from tests.tiny import make_atomic_dataset, quick_config
 
 NAME = "rel"
@@ -72,3 +77,107 @@ def test_timestamps_closer_than_float32_steps_keep_their_order(tmp_path, base):
             assert tokens["item_id"][target] == by_user[tokens["user_id"][user]][-1]
             seen += 1
     assert seen == len(by_user)
+
+
+# --- image modes, orientation and shape ------------------------------------------------------------------
+
+SIZE = 16
+
+
+def grey_of(pixels: np.ndarray) -> float:
+    assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == np.uint8
+    assert np.ptp(pixels.astype(int), axis=0).max() <= 1  # grey: the three channels agree
+    return float(pixels.mean())
+
+
+@pytest.mark.parametrize(
+    ("mode", "array", "expected"),
+    [
+        ("I;16", np.full((24, 20), 32896, dtype=np.uint16), 128),  # 16-bit PNG: half of 65535, not white
+        ("I;16", np.full((24, 20), 200, dtype=np.uint16), 1),  # a dark 16-bit image stays dark
+        ("I", np.full((24, 20), 50000, dtype=np.int32), 194),  # 32-bit holding 16-bit values
+        ("I", np.full((24, 20), 100, dtype=np.int32), 100),  # 32-bit holding 8-bit values
+        ("F", np.full((24, 20), 0.5, dtype=np.float32), 128),  # float in [0, 1]
+        ("F", np.full((24, 20), 77.0, dtype=np.float32), 77),  # float in [0, 255]
+    ],
+)
+def test_deep_greyscale_is_scaled_by_its_range(tmp_path, mode, array, expected):
+    image = Image.fromarray(array, mode=mode) if mode != "I;16" else Image.fromarray(array)
+    path = tmp_path / ("grey.png" if mode == "I;16" else "grey.tif")
+    image.save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode.startswith("I") or reopened.mode == "F"  # the mode under test, as read back
+    assert abs(grey_of(load_image(str(path), SIZE)) - expected) <= 1
+
+
+def transparent_square(mode: str) -> Image.Image:
+    """Red opaque on the left half, fully transparent (over black) on the right half."""
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 10, 20))
+    if mode == "LA":
+        return rgba.convert("LA")
+    if mode == "P":
+        return rgba.convert("P")  # a palette with a transparent index
+    return rgba
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_composited_over_white(tmp_path, mode):
+    path = tmp_path / f"alpha-{mode}.png"
+    transparent_square(mode).save(path)
+    pixels = load_image(str(path), SIZE)
+    right = pixels[:, :, -3:].astype(int)
+    assert right.min() >= 250  # transparent: white, not the black stored under it
+    left = pixels[:, :, :3].astype(int)
+    assert left[0].min() >= 60 and left.max() <= 255  # the opaque half is still there
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "CMYK", "YCbCr"])
+def test_other_modes_decode_to_their_colours(tmp_path, mode):
+    colour = {"1": 255, "L": 90, "CMYK": (0, 0, 0, 0), "YCbCr": (128, 128, 128)}[mode]
+    path = tmp_path / f"mode-{mode}.{'jpg' if mode in ('CMYK', 'YCbCr') else 'png'}"
+    Image.new(mode, (24, 20), colour).save(path)
+    expected = {"1": 255, "L": 90, "CMYK": 255, "YCbCr": 128}[mode]
+    assert abs(grey_of(load_image(str(path), SIZE)) - expected) <= 3
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 (rotate 90 clockwise to view): a red top band
+    as viewed is stored as a red left-hand band."""
+    stored = Image.new("RGB", (40, 40), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    stored.save(path, exif=exif, quality=95)
+    pixels = load_image(str(path), SIZE).astype(int)
+    top, bottom = pixels[:, :2, :], pixels[:, -2:, :]
+    assert top[0].mean() > 200 and top[2].mean() < 60  # red on top, as viewed
+    assert bottom[2].mean() > 200 and bottom[0].mean() < 60
+
+
+@pytest.mark.parametrize("shape", [(1, 20000), (20000, 1), (30, 700)])
+def test_a_strip_is_a_missing_image_with_one_warning_naming_the_file(tmp_path, caplog, shape):
+    """The size guard covers the output and the aspect ratio: a 1 x 20000 JPEG of a few KB took minutes
+    and gigabytes when resized by its shorter side."""
+    strip = tmp_path / "strip.jpg"
+    Image.new("RGB", shape, (200, 10, 10)).save(strip, quality=90)
+    ok = tmp_path / "ok.jpg"
+    Image.new("RGB", (30, 40), (10, 200, 10)).save(ok, quality=90)
+    store = image_store(tmp_path / "cache", [strip, ok])
+    with caplog.at_level(logging.WARNING):
+        pixels, has_image = store.image_pixels(SIZE)
+    assert has_image.tolist() == [False, False, True]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(strip) in warning and f"{shape[0]}x{shape[1]}" in warning and "aspect ratio" in warning
+    assert pixels[2][1].min() > 150  # the run went on
+
+
+def test_a_wide_picture_within_the_limit_costs_no_more_than_its_output(tmp_path):
+    """19:1 is decoded; the centre square is resized directly, so no huge intermediate image exists."""
+    wide = tmp_path / "wide.png"
+    image = Image.new("RGB", (19 * 50, 50), (0, 0, 255))
+    image.paste((255, 0, 0), (9 * 50, 0, 10 * 50, 50))  # the centre square is red
+    image.save(wide)
+    pixels = load_image(str(wide), SIZE).astype(int)
+    assert pixels[0].min() > 200 and pixels[2].max() < 60

@@ -25,21 +25,22 @@ import hashlib
 import json
 import os
 import stat
-import warnings
 from logging import getLogger
 
 import numpy as np
 import torch
-from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from recbole_perpeft.data.cache_files import atomic_output, build_lock
-
-# How pixels are made from a file (part of every image cache key: change it when load_image changes).
-IMAGE_DECODING = "rgb-draft2x-resize-shorter-bicubic-centercrop"
-# A JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) that still leaves at least this many times the
-# target size (as PIL's Image.thumbnail), then resized: huge files decode cheaply, pixels barely change.
-DRAFT_GAP = 2
+from recbole_perpeft.data.image_decoding import (  # noqa: F401 - load_image and the rest re-exported
+    DRAFT_GAP,
+    IMAGE_DECODING,
+    MAX_ASPECT_RATIO,
+    UnusableImage,
+    load_image,
+    resize_and_crop,
+)
 
 
 def cache_key(*parts) -> str:
@@ -53,63 +54,6 @@ def gather_rows(array: np.ndarray, items: torch.Tensor) -> torch.Tensor:
     rows = np.unique(flat)
     block = torch.from_numpy(np.ascontiguousarray(array[rows]))
     return block[torch.from_numpy(np.searchsorted(rows, flat))]
-
-
-def load_image(path: str, size: int) -> np.ndarray:
-    """RGB, shorter side resized to ``size`` (bicubic), centre-cropped: uint8 [3, size, size].
-
-    A JPEG is decoded at a reduced scale first (PIL's ``draft``: 1/2 to 1/8, never below
-    ``DRAFT_GAP * size``), so a huge photo costs little. Raises ``Image.DecompressionBombError`` when
-    the image is still over PIL's decompression-bomb limit (``2 * Image.MAX_IMAGE_PIXELS``) at the
-    scale it would be decoded at."""
-    with _open_image(path) as img:
-        img.draft("RGB", (DRAFT_GAP * size, DRAFT_GAP * size))
-        _check_pixel_count(img, path)
-        return resize_and_crop(img, size)
-
-
-def resize_and_crop(img: Image.Image, size: int) -> np.ndarray:
-    """RGB, shorter side resized to ``size`` (bicubic), centre-cropped: uint8 [3, size, size]."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
-def _open_image(path: str) -> Image.Image:
-    """``Image.open``, but the decompression-bomb check is left to :func:`_check_pixel_count`, which sees
-    the size after ``draft``: a JPEG too large for PIL at full size may be fine at 1/8 scale."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked after draft, with the path
-        try:
-            return Image.open(path)
-        except Image.DecompressionBombError as err:
-            try:
-                return JpegImagePlugin.JpegImageFile(path)  # no size check on open; not a JPEG: SyntaxError
-            except (SyntaxError, OSError):
-                raise err from None
-
-
-def _check_pixel_count(img: Image.Image, path: str) -> None:
-    """PIL's decompression-bomb rule on the size that will be decoded: over twice
-    ``Image.MAX_IMAGE_PIXELS`` raises, over it decodes with a warning naming the file."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is None:
-        return
-    w, h = img.size
-    if w * h > 2 * limit:
-        raise Image.DecompressionBombError(
-            f"{w}x{h} pixels to decode, over PIL's limit of {2 * limit} (2 x PIL.Image.MAX_IMAGE_PIXELS)"
-        )
-    if w * h > limit:
-        getLogger().warning(
-            f"Large image {path}: decoding {w}x{h} pixels (over PIL.Image.MAX_IMAGE_PIXELS = {limit}), "
-            "slowly; a smaller file would do (the model sees it at a few hundred pixels)."
-        )
 
 
 def file_stamp(path: str | None) -> list | None:
@@ -282,7 +226,7 @@ class ItemModalityStore:
 
     def _decode_images(self, size: int, pixels_file: str, mask_file: str) -> None:
         has_image = np.zeros(self.n_items, dtype=bool)
-        absent, corrupt, too_large = 0, [], []
+        absent, corrupt, too_large, odd = 0, [], [], []
         stamps = self.image_stamps()
         with atomic_output(pixels_file) as tmp:
             pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(self.n_items, 3, size, size))
@@ -303,6 +247,9 @@ class ItemModalityStore:
                         "file (a few hundred pixels a side is plenty) or raise PIL.Image.MAX_IMAGE_PIXELS; the "
                         "next run decodes the changed file."
                     )
+                except UnusableImage as err:
+                    odd.append(path)
+                    self.logger.warning(f"Image {path} is not used ({err}): item {token} has no image.")
                 except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
                     corrupt.append(path)
                     self.logger.warning(f"Corrupt image {path} ({err}): item {token} has no image.")
@@ -312,5 +259,6 @@ class ItemModalityStore:
                 np.save(f, has_image)  # before the pixels: their presence marks a complete entry
         self.logger.info(
             f"Images: {int(has_image.sum())} decoded, {absent} items without an image file, "
-            f"{len(corrupt)} corrupt, {len(too_large)} too large; missing ones get a learned placeholder."
+            f"{len(corrupt)} corrupt, {len(too_large)} too large, {len(odd)} out of shape; missing ones get a "
+            "learned placeholder."
         )
