@@ -3,18 +3,27 @@ image decoding, and cache builds that survive a full disk and a stuck lock holde
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from recbole_perpeft.config import Config
-from recbole_perpeft.data import create_dataset, data_preparation
+from recbole_perpeft.data import cache_files, create_dataset, data_preparation
+from recbole_perpeft.data.cache_files import build_lock, lock_path
 from recbole_perpeft.data.modality_store import load_image
 from tests.test_caches import image_store
-from tests.tiny import make_atomic_dataset, quick_config
+from tests.tiny import REPO_ROOT, make_atomic_dataset, quick_config
 
 NAME = "rel"
 SMALL_TOPK = {"topk": [5], "valid_metric": "hit@5"}
@@ -181,3 +190,143 @@ def test_a_wide_picture_within_the_limit_costs_no_more_than_its_output(tmp_path)
     image.save(wide)
     pixels = load_image(str(wide), SIZE).astype(int)
     assert pixels[0].min() > 200 and pixels[2].max() < 60
+
+
+# --- cache build locks ------------------------------------------------------------------------------------
+
+HOLDER = """
+import os, sys, time
+from recbole_perpeft.data.cache_files import build_lock
+target, mode = sys.argv[1], sys.argv[2]
+with build_lock(target, [target], "the test entry"):
+    print("locked", flush=True)
+    if mode == "fork-then-exit":  # a child keeps the flock; the recorded holder (this pid) is gone
+        child = os.fork()
+        if child == 0:
+            time.sleep(120)
+            os._exit(0)
+        print(child, flush=True)
+        os._exit(0)
+    time.sleep(120)
+"""
+
+
+def start_holder(target: str, mode: str) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, target, mode], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.fixture
+def lock_timeout():
+    def set_to(seconds):
+        cache_files.set_lock_timeout(seconds)
+
+    yield set_to
+    cache_files.set_lock_timeout(3600)
+
+
+def test_a_stopped_holder_makes_the_waiter_give_up_naming_pid_and_lock(tmp_path, lock_timeout, caplog):
+    target = str(tmp_path / "entry.pt")
+    holder = start_holder(target, "hold")
+    try:
+        os.kill(holder.pid, signal.SIGSTOP)
+        lock_timeout(1.0)
+        start = time.monotonic()
+        with caplog.at_level(logging.INFO), pytest.raises(TimeoutError) as err:
+            with build_lock(target, [target], "the test entry"):
+                pass
+        assert 1.0 <= time.monotonic() - start < 30
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait(timeout=60)
+    message = str(err.value)
+    assert f"process {holder.pid}" in message and lock_path(target) in message and "cache_lock_timeout" in message
+    assert "stopped" in message and f"kill -CONT {holder.pid}" in message
+    (waiting,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting for")]
+    assert f"process {holder.pid}" in waiting and lock_path(target) in waiting and "1 s" in waiting
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path, lock_timeout, caplog):
+    """The holder died but a child it forked still holds the flock: the waiter takes over, with a warning."""
+    target = str(tmp_path / "entry.pt")
+    holder = start_holder(target, "fork-then-exit")
+    child = int(holder.stdout.readline())
+    holder.wait(timeout=60)
+    lock_timeout(60)
+    try:
+        with caplog.at_level(logging.WARNING), build_lock(target, [target], "the test entry") as locked:
+            assert locked
+    finally:
+        os.kill(child, signal.SIGKILL)  # the holder's child, still holding the old lock file's flock
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"process {holder.pid}" in warning and "is gone: taking over" in warning
+    assert not os.path.exists(lock_path(target))  # released: the lock file is removed
+
+
+def test_a_killed_holder_leaves_no_lock_behind_after_the_next_build(tmp_path):
+    target = str(tmp_path / "entry.pt")
+    holder = start_holder(target, "hold")
+    holder.kill()
+    holder.wait(timeout=60)
+    assert os.path.exists(lock_path(target))  # what a SIGKILL leaves
+    with build_lock(target, [target], "the test entry") as locked:
+        assert locked
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", [-1, "soon", True])
+def test_cache_lock_timeout_must_be_seconds(value):
+    with pytest.raises(ValueError, match="cache_lock_timeout must be a number of seconds"):
+        cache_files.set_lock_timeout(value)
+
+
+# --- a full disk -------------------------------------------------------------------------------------------
+
+
+def no_space(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_before_decoding_names_path_and_bytes_and_leaves_nothing(tmp_path, monkeypatch):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (20, 20), (i, 50, 90)).save(paths[-1])
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    cache = tmp_path / "cache"
+    with pytest.raises(cache_files.DiskFull) as err:
+        image_store(cache, paths).image_pixels(SIZE)
+    message = str(err.value)
+    needed = 4 * 3 * SIZE * SIZE  # 4 rows (padding + 3 items) of pixels, plus the .npy header
+    assert message.startswith("disk full writing pixels-") and str(cache) in message
+    assert re.search(r"\((\d[\d,]*) bytes needed", message)
+    assert int(re.search(r"\((\d[\d,]*) bytes needed", message)[1].replace(",", "")) > needed
+    assert [p for p in Path(cache).rglob("*") if p.is_file()] == []  # no temp file, no lock
+
+
+def test_without_fallocate_free_space_is_checked(tmp_path, monkeypatch):
+    path = tmp_path / "array.npy"
+    path.write_bytes(b"")
+    monkeypatch.delattr(os, "posix_fallocate")
+    monkeypatch.setattr(cache_files.shutil, "disk_usage", lambda folder: SimpleNamespace(free=10))
+    with pytest.raises(cache_files.DiskFull, match=r"\(1,000 bytes needed, 10 bytes free\)"):
+        cache_files.preallocate(str(path), 1000)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "torch_save"])
+def test_a_write_that_fills_the_disk_is_one_line_and_no_temp_file(tmp_path, monkeypatch, failure):
+    target = tmp_path / "tokens.pt"
+    target.write_bytes(b"old")
+    if failure == "torch_save":  # torch.save says only 'file write failed': the free space decides
+        monkeypatch.setattr(cache_files.shutil, "disk_usage", lambda folder: SimpleNamespace(free=0))
+    with pytest.raises(cache_files.DiskFull, match="disk full writing tokens.pt"):
+        with cache_files.atomic_output(str(target)) as tmp:
+            Path(tmp).write_bytes(b"half")
+            if failure == "enospc":
+                no_space()
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+    assert sorted(os.listdir(tmp_path)) == ["tokens.pt"] and target.read_bytes() == b"old"

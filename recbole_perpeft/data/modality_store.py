@@ -32,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from recbole_perpeft.data.cache_files import atomic_output, build_lock
+from recbole_perpeft.data.cache_files import atomic_output, build_lock, preallocate, set_lock_timeout
 from recbole_perpeft.data.image_decoding import (  # noqa: F401 - load_image and the rest re-exported
     DRAFT_GAP,
     IMAGE_DECODING,
@@ -113,6 +113,7 @@ class ItemModalityStore:
         self.dataset_name = config["dataset"]
         self.cache_dir = os.path.join(config["cache_dir"] or "cache", self.dataset_name)
         self.show_progress = bool(config["show_progress"])
+        set_lock_timeout(config["cache_lock_timeout"] if "cache_lock_timeout" in config else 3600)
         self.item_tokens = list(dataset.field2id_token[dataset.iid_field])
         self.texts = dataset.item_texts()
         self.image_paths = dataset.item_image_paths()
@@ -230,6 +231,7 @@ class ItemModalityStore:
         stamps = self.image_stamps()
         with atomic_output(pixels_file) as tmp:
             pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(self.n_items, 3, size, size))
+            preallocate(tmp)  # a full disk is one error line here, not a SIGBUS halfway through the decoding
             items = tqdm(range(1, self.n_items), desc="Decoding item images", disable=not self.show_progress)
             for item in items:
                 path = self.image_paths[item]
