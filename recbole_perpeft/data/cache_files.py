@@ -32,6 +32,7 @@ import errno
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -76,8 +77,9 @@ def disk_full(path: str, needed: int | None = None) -> DiskFull:
     except OSError:
         free = "free space unknown"
     need = f"{needed:,} bytes needed, " if needed else ""
+    name = re.sub(r"\.\d+-[0-9a-f]{8}\.tmp$", "", os.path.basename(path))  # the file, not its temp_path
     return DiskFull(
-        f"disk full writing {os.path.basename(path)} in {folder} ({need}{free}): free space there, or point "
+        f"disk full writing {name} in {folder} ({need}{free}): free space there, or point "
         "cache_dir (or checkpoint_dir) to a disk with room; nothing half-written was kept."
     )
 
