@@ -330,3 +330,31 @@ def test_a_write_that_fills_the_disk_is_one_line_and_no_temp_file(tmp_path, monk
                 no_space()
             raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
     assert sorted(os.listdir(tmp_path)) == ["tokens.pt"] and target.read_bytes() == b"old"
+
+
+# --- data_path for the embedded ml-100k --------------------------------------------------------------------
+
+
+def test_data_path_is_read_for_the_embedded_ml100k(tmp_path):
+    """RecBole reads its bundled ml-100k whatever data_path says (while image_dir followed data_path)."""
+    keys = make_atomic_dataset(tmp_path / "data", "ml-100k", with_images=False)
+    n_lines = len((tmp_path / "data" / "ml-100k" / "ml-100k.inter").read_text().splitlines()) - 1
+    config = Config(model="SASRec", dataset="ml-100k", config_dict=quick_config(tmp_path, **keys, **SMALL_TOPK))
+    assert config["data_path"] == str(tmp_path / "data" / "ml-100k")
+    assert config["image_dir"] == str(tmp_path / "data" / "ml-100k" / "images")
+    assert create_dataset(config).inter_num == n_lines  # the user's 30 users, not RecBole's 100,000 lines
+
+
+def test_a_data_path_without_ml100k_is_refused(tmp_path):
+    with pytest.raises(ValueError) as err:
+        Config(model="SASRec", dataset="ml-100k", config_dict={"data_path": str(tmp_path)})
+    message = str(err.value)
+    assert f"data_path={str(tmp_path)!r} has no ml-100k/ml-100k.inter" in message
+    assert "leave data_path out" in message and "ships with RecBole" in message
+
+
+def test_without_data_path_ml100k_is_recboles_copy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no dataset/ml-100k/ here
+    config = Config(model="SASRec", dataset="ml-100k", config_dict={"state": "WARNING"})
+    assert os.path.isfile(os.path.join(config["data_path"], "ml-100k.inter"))
+    assert os.path.normpath(config["data_path"]).endswith(os.path.join("recbole", "dataset_example", "ml-100k"))

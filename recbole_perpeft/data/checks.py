@@ -257,6 +257,26 @@ def explain_load_error(path: str, sep: str, encoding, seq_sep: str, header, erro
     return ValueError(f"{name} could not be read ({path}): {error}")
 
 
+# --- where the files are -----------------------------------------------------------------------------------
+
+
+def embedded_dataset_path(dataset: str, data_root: str, bundled: str, given: bool) -> str:
+    """The folder to read ``ml-100k`` from. RecBole reads its bundled copy (``bundled``) whatever
+    ``data_path`` says, while our ``image_dir`` follows ``data_path``: here ``<data_root>/ml-100k/`` is read
+    when it holds ``ml-100k.inter``, as for every other dataset; a ``data_path`` the user gave without it is
+    refused; otherwise (the default ``data_path``) the bundled copy is read."""
+    folder = os.path.join(data_root, dataset)
+    if os.path.isfile(os.path.join(folder, f"{dataset}.inter")):
+        return folder
+    if given:
+        raise ValueError(
+            f"data_path={data_root!r} has no {dataset}/{dataset}.inter ({folder}): put {dataset}.inter (and "
+            f"{dataset}.item) there, or leave data_path out to read the copy of {dataset} that ships with RecBole "
+            f"({os.path.normpath(bundled)})."
+        )
+    return bundled
+
+
 # --- the data after filtering -------------------------------------------------------------------------------
 
 
