@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from recbole_perpeft.config import Config
-from recbole_perpeft.data import cache_files, create_dataset, data_preparation
+from recbole_perpeft.data import ItemModalityStore, cache_files, create_dataset, data_preparation
 from recbole_perpeft.data.cache_files import build_lock, lock_path
 from recbole_perpeft.data.modality_store import load_image
 from tests.test_caches import image_store
@@ -358,3 +358,40 @@ def test_without_data_path_ml100k_is_recboles_copy(tmp_path, monkeypatch):
     config = Config(model="SASRec", dataset="ml-100k", config_dict={"state": "WARNING"})
     assert os.path.isfile(os.path.join(config["data_path"], "ml-100k.inter"))
     assert os.path.normpath(config["data_path"]).endswith(os.path.join("recbole", "dataset_example", "ml-100k"))
+
+
+# --- no modality left -----------------------------------------------------------------------------------
+
+
+def untitled_dataset(tmp_path, with_images: bool):
+    from tests.tiny import item_token
+
+    keys = make_atomic_dataset(tmp_path / "data", NAME, with_images=with_images,
+                               empty_titles=[item_token(i) for i in range(25)])  # fmt: skip
+    return keys
+
+
+@pytest.mark.parametrize(
+    ("with_images", "overrides", "why"),
+    [
+        (False, {}, "no item has an image file in image_dir="),
+        (True, {"modalities": ["text"]}, "the run uses no images (modalities: ['text'])"),
+        (False, {"text_field": None}, "no item has an image file"),
+    ],
+)
+def test_no_title_and_no_image_is_refused_before_the_model(tmp_path, with_images, overrides, why):
+    """Every title empty and no images: a FrozenMM run crashed in item_inputs (max() of an empty batch),
+    others trained on placeholders alone."""
+    config = config_of(tmp_path, untitled_dataset(tmp_path, with_images), **overrides)
+    dataset = create_dataset(config)
+    with pytest.raises(ValueError) as err:
+        ItemModalityStore(config, dataset)
+    message = str(err.value)
+    assert message.startswith("No modality left: ") and why in message
+    assert ("text_field is not set" if "text_field" in overrides else f"text_field 'title' of {NAME}.item") in message
+
+
+def test_no_title_but_images_is_an_image_only_run(tmp_path):
+    config = config_of(tmp_path, untitled_dataset(tmp_path, True))
+    store = ItemModalityStore(config, create_dataset(config))
+    assert not store.has_text.any() and store.image_availability()[1:].all()

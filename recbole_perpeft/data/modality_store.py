@@ -121,11 +121,34 @@ class ItemModalityStore:
         self.has_text = torch.tensor([bool(t) for t in self.texts])
         self.has_text[0] = False
         missing = self.n_items - 1 - int(self.has_text.sum())
+        if missing == self.n_items - 1:
+            self._check_some_modality_left(config)
         if missing:
             self.logger.warning(f"{missing} of {self.n_items - 1} items have no text: they get a learned placeholder.")
         self.missing_image_ratio, self.missing_image_seed = missing_image_settings(config)
         if self.missing_image_ratio > 0:
             self._check_images_to_withhold(config["modalities"] if "modalities" in config else None)
+
+    def _check_some_modality_left(self, config) -> None:
+        """No item has a title: refuse here, before any model is built, when no item has an image either
+        (or the run uses none); the model would train on placeholders alone (or crash on an empty batch)."""
+        modalities = config["modalities"] if "modalities" in config else None
+        images_used = modalities is None or "image" in modalities
+        if images_used and self.image_availability().any():
+            return
+        field = config["text_field"]
+        titles = (f"text_field '{field}' of {self.dataset_name}.item is empty for every item" if field
+                  else "text_field is not set")  # fmt: skip
+        if not images_used:
+            images = f"the run uses no images (modalities: {list(modalities)})"
+        elif config["image_field"]:
+            images = f"no item's image_field '{config['image_field']}' names an existing file"
+        else:
+            images = f"no item has an image file in image_dir={config['image_dir']}"
+        raise ValueError(
+            f"No modality left: {titles}, and {images}. Give the items titles (text_field) or images "
+            "(image_dir / image_field)."
+        )
 
     def _check_images_to_withhold(self, modalities) -> None:
         """An error, not a warning: a run meant to measure robustness to missing images would otherwise
