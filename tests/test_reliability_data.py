@@ -395,3 +395,17 @@ def test_no_title_but_images_is_an_image_only_run(tmp_path):
     config = config_of(tmp_path, untitled_dataset(tmp_path, True))
     store = ItemModalityStore(config, create_dataset(config))
     assert not store.has_text.any() and store.image_availability()[1:].all()
+
+
+def test_a_downloaded_16bit_png_is_stored_as_its_grey_not_white(tmp_path, monkeypatch):
+    """The image downloader re-encodes a non-JPEG as JPEG: the same conversion as the decoder's."""
+    import io
+
+    from recbole_perpeft.data import images
+
+    body = io.BytesIO()
+    Image.fromarray(np.full((20, 24), 32896, dtype=np.uint16)).save(body, format="PNG")
+    monkeypatch.setattr(images, "fetch", lambda *args: body.getvalue())
+    status = images.save_image("101", "http://x/1.png", tmp_path, 0, 1, 0, images.NetworkWatch())
+    assert status == "downloaded"
+    assert abs(grey_of(load_image(str(tmp_path / "101.jpg"), SIZE)) - 128) <= 2
