@@ -409,3 +409,15 @@ def test_a_downloaded_16bit_png_is_stored_as_its_grey_not_white(tmp_path, monkey
     status = images.save_image("101", "http://x/1.png", tmp_path, 0, 1, 0, images.NetworkWatch())
     assert status == "downloaded"
     assert abs(grey_of(load_image(str(tmp_path / "101.jpg"), SIZE)) - 128) <= 2
+
+
+def test_a_time_field_in_load_col_but_not_in_the_file_is_said(tmp_path, caplog):
+    keys = make_atomic_dataset(tmp_path / "data", NAME, with_images=False)
+    inter = tmp_path / "data" / NAME / f"{NAME}.inter"
+    rows = [line.rsplit("\t", 1)[0] for line in inter.read_text().splitlines()]
+    inter.write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        dataset = create_dataset(config_of(tmp_path, keys))
+    assert dataset.inter_num == len(rows) - 1
+    (warning,) = [r.getMessage() for r in caplog.records if "TIME_FIELD" in r.getMessage()]
+    assert warning.startswith(f"{NAME}.inter has no column 'timestamp'") and "order of the file" in warning

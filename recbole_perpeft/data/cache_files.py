@@ -28,6 +28,7 @@ cache entry at the same time. Every cache build goes::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -222,8 +223,9 @@ def _acquire(lock: str, what: str) -> int:
             # Gone twice in a row: a new holder writes its pid right after locking the file a dead one left.
             if state == "gone" and gone == pid and _same_file(fd, lock):
                 logger.warning(f"{holder}, which held {lock}, is gone: taking over the build of {what}.")
-                os.unlink(lock)
                 os.close(fd)
+                with contextlib.suppress(FileNotFoundError):  # another waiter may have taken over first
+                    os.unlink(lock)
                 continue
             gone = pid if state == "gone" else None
             os.close(fd)
@@ -246,8 +248,11 @@ def _acquire(lock: str, what: str) -> int:
         if not _same_file(fd, lock):  # removed by the holder we waited for, after we opened it
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        try:  # who holds it, for a waiter's message; a full disk must not cost the lock itself
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError:
+            pass
         return fd
 
 

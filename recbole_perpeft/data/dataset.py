@@ -43,6 +43,11 @@ class MultimodalSequentialDataset(SequentialDataset):
         if is_inter:
             checks.require_columns(filepath, header, {"USER_ID_FIELD": self.uid_field, "ITEM_ID_FIELD": self.iid_field})
             checks.require_float_time(filepath, header, self.time_field, load_col)
+            if self.time_field and load_col and self.time_field in load_col and self.time_field not in dict(header):
+                self.logger.warning(
+                    f"{name} has no column '{self.time_field}' (TIME_FIELD, listed in load_col; {filepath}): each "
+                    "user's interactions are taken in the order of the file."
+                )
         elif source in (FeatureSource.ITEM, FeatureSource.USER):
             if source == FeatureSource.ITEM:
                 checks.require_columns(filepath, header, {"ITEM_ID_FIELD": self.iid_field})
