@@ -421,3 +421,10 @@ def test_a_time_field_in_load_col_but_not_in_the_file_is_said(tmp_path, caplog):
     assert dataset.inter_num == len(rows) - 1
     (warning,) = [r.getMessage() for r in caplog.records if "TIME_FIELD" in r.getMessage()]
     assert warning.startswith(f"{NAME}.inter has no column 'timestamp'") and "order of the file" in warning
+
+
+def test_load_col_without_inter_is_refused(tmp_path):
+    keys = make_atomic_dataset(tmp_path / "data", NAME, with_images=False)
+    keys["load_col"] = {"iuaer": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}
+    with pytest.raises(ValueError, match=r"load_col has no 'inter' entry .*iuaer.* add e\.g\. inter: "):
+        create_dataset(config_of(tmp_path, keys))

@@ -118,6 +118,11 @@ class MultimodalSequentialDataset(SequentialDataset):
 
     def _load_data(self, token, dataset_path):
         super()._load_data(token, dataset_path)
+        if self.inter_feat is None:  # RecBole reads no .inter when load_col has no 'inter' entry
+            raise ValueError(
+                f"load_col has no 'inter' entry (load_col: {self.config['load_col']}), so {token}.inter is not read: "
+                "add e.g. inter: [user_id, item_id, timestamp] (a misspelt key?)."
+            )
         self._note_duplicated_interactions()
         self._note_missing_rows(self.item_feat, self.iid_field, "item")
         self._note_missing_rows(self.user_feat, self.uid_field, "user")
