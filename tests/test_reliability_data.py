@@ -428,3 +428,20 @@ def test_load_col_without_inter_is_refused(tmp_path):
     keys["load_col"] = {"iuaer": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}
     with pytest.raises(ValueError, match=r"load_col has no 'inter' entry .*iuaer.* add e\.g\. inter: "):
         create_dataset(config_of(tmp_path, keys))
+
+
+def test_a_full_disk_before_layer_states_leaves_no_partial_file(tmp_path, monkeypatch):
+    from tests.test_caches import FakeImageEncoder, build_layer_states
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (20, 20), (i, 50, 90)).save(paths[-1])
+    cache = tmp_path / "cache"
+    store = image_store(cache, paths)
+    pixels, has_image = store.image_pixels(SIZE)
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(cache_files.DiskFull, match=r"disk full writing .*\.partial\.npy .*bytes needed"):
+        build_layer_states(image_store(cache, paths), pixels, has_image, FakeImageEncoder())
+    left = sorted(p.name for p in Path(cache).rglob("*") if p.is_file())
+    assert left == sorted(p.name for p in Path(cache).rglob("pixels-*"))  # only the finished pixel cache
