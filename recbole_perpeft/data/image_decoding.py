@@ -13,8 +13,9 @@ What PIL's ``Image.convert("RGB")`` alone gets wrong, done here as image librari
   the source pixels and the output, whatever the aspect ratio (a 1 x 20000 JPEG resized by its shorter
   side used to become 224 x 4,480,000 pixels, 110 s and 4.4 GB);
 - an aspect ratio over :data:`MAX_ASPECT_RATIO` (a strip, not a picture: its centre square is a sliver)
-  and more source pixels than PIL's decompression-bomb limit raise :class:`UnusableImage`, which the
-  caller turns into a missing image with one warning naming the file.
+  raises :class:`UnusableImage`, more source pixels than PIL's decompression-bomb limit (after JPEG
+  draft) ``DecompressionBombError``: the caller makes either a missing image with one warning naming
+  the file.
 
 Hand-written because no dependency of ours has it: torchvision is not a dependency, and PIL leaves these
 conversions to the caller.
@@ -46,10 +47,10 @@ def load_image(path: str, size: int) -> np.ndarray:
     """RGB uint8 [3, size, size]: the centre square of the (upright) image, resized (bicubic).
 
     A JPEG is decoded at a reduced scale first (PIL's ``draft``: 1/2 to 1/8, never below
-    ``DRAFT_GAP * size``), so a huge photo costs little. Raises :class:`UnusableImage` (a
-    ``DecompressionBombError`` for too many pixels) when the image is over PIL's decompression-bomb
-    limit (``2 * Image.MAX_IMAGE_PIXELS``) at the scale it would be decoded at, or its aspect ratio
-    is over :data:`MAX_ASPECT_RATIO`."""
+    ``DRAFT_GAP * size``), so a huge photo costs little. Raises ``Image.DecompressionBombError`` when
+    the image is over PIL's decompression-bomb limit (``2 * Image.MAX_IMAGE_PIXELS``) at the scale it
+    would be decoded at, :class:`UnusableImage` when its aspect ratio is over :data:`MAX_ASPECT_RATIO`;
+    both before any pixel is decoded."""
     with _open_image(path) as img:
         img.draft("RGB", (DRAFT_GAP * size, DRAFT_GAP * size))
         _check_pixel_count(img, path)
