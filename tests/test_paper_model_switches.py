@@ -307,6 +307,8 @@ def test_paper_keys_train_stage1_and_group_from_the_chosen_epoch(paper_stage1, m
     assert isinstance(tower.side, OriginalIISAN) and isinstance(model.backbone.encoder, OfficialSASRecEncoder)
     assert all(isinstance(n, nn.Identity) for n in tower.projector["norms"].values())  # official: side outputs as-is
     assert tower.multimodal_weight == 0.5
+    ids = model.item_id_embedding.weight[1:]  # xavier_normal (std sqrt(2 / (n_items + 32)) ~ 0.18), not normal(0.02)
+    assert ids.std().item() > 0.1
     state = model.state_dict()
     wanted = moved if checkpoint == "last" else best
     other = best if checkpoint == "last" else moved
