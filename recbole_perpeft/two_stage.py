@@ -153,12 +153,11 @@ class TwoStageTrainer(PEFTTrainer):
         start = time()
         trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress)
         self.seconds["stage1_train"], self.seconds["stage1_per_epoch"] = time() - start, trainer.epoch_seconds
-        if grouping_source(self.config)[1] == "last":  # the official code's: the model as its last epoch left it
-            self.logger.info("Stage 1: grouping_checkpoint last: grouping and stage 2 start from the last epoch's "
-                             f"weights; {trainer.saved_model_file} holds the best epoch's.")  # fmt: skip
-        else:
-            model.load_state_dict(load_checkpoint(trainer.saved_model_file, map_location=self.device)["state_dict"])
-        self.global_checkpoint = trainer.saved_model_file
+        # grouping_checkpoint last (the official code's): the last epoch's weights, from the -last checkpoint fit
+        # wrote, which is then also the global_checkpoint a comparison's later grouped rows start from.
+        last = grouping_source(self.config)[1] == "last"
+        self.global_checkpoint = trainer.last_model_file if last else trainer.saved_model_file
+        model.load_state_dict(load_checkpoint(self.global_checkpoint, map_location=self.device)["state_dict"])
         return model
 
     def stage2_loader(self, dataset):

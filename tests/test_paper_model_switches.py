@@ -5,6 +5,7 @@ SASRec, the original IISAN and the grouping's sequence and stage-1 epoch. Each d
 from __future__ import annotations
 
 import copy
+import glob
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -269,8 +270,8 @@ def paper_stage1(tmp_path_factory):
 
 
 def run_stage1(env, monkeypatch, checkpoint: str):
-    """TwoStageTrainer.stage1 with ``grouping_checkpoint``; after stage 1's real fit the weights are moved
-    (as a later, worse epoch would), so the best checkpoint and the last weights differ."""
+    """TwoStageTrainer.stage1 with ``grouping_checkpoint``; after stage 1's real fit the weights are moved and
+    written as the -last checkpoint (as a later, worse epoch would), so the best and the last epoch differ."""
     from recbole.utils import init_seed
 
     from recbole_perpeft import two_stage
@@ -283,7 +284,9 @@ def run_stage1(env, monkeypatch, checkpoint: str):
         result = fit(trainer, *args, **kwargs)
         with torch.no_grad():
             trainer.model.item_id_embedding.weight.add_(1.0)
+        trainer._save_last(trainer._last_epoch)
         moved.update(copy.deepcopy(trainer.model.state_dict()))
+        trainer.model.item_id_embedding.weight.data.zero_()  # the weights in memory are not what stage 1 hands on
         return result
 
     monkeypatch.setattr(two_stage.PEFTTrainer, "fit", fit_then_move)
@@ -294,8 +297,10 @@ def run_stage1(env, monkeypatch, checkpoint: str):
     init_seed(config["seed"], True)
     trainer = two_stage.TwoStageTrainer(config, get_model("PerPEFT")(config, env.train_data._dataset))
     model = trainer.stage1(env.train_data, env.valid_data, show_progress=False)
-    best = load_checkpoint(trainer.global_checkpoint)["state_dict"]
-    return model, moved, best
+    stem = str(env.root / f"saved-{checkpoint}" / "*-stage1-GlobalPEFT")
+    (best_file,) = [f for f in glob.glob(stem + "*.pth") if not f.endswith("-last.pth")]
+    assert trainer.global_checkpoint == (best_file.replace(".pth", "-last.pth") if checkpoint == "last" else best_file)
+    return model, moved, load_checkpoint(best_file)["state_dict"]
 
 
 @pytest.mark.parametrize("checkpoint", ["best", "last"])
@@ -317,3 +322,11 @@ def test_paper_keys_train_stage1_and_group_from_the_chosen_epoch(paper_stage1, m
     groups = group_users(model, paper_stage1.train_data._dataset, paper_stage1.config,
                          paper_stage1.valid_data._dataset)  # fmt: skip
     assert sum(groups.sizes()) == 30
+
+
+def test_comparison_rows_share_stage1_across_grouping_sequence_but_not_grouping_checkpoint():
+    from recbole_perpeft.compare import stage1_key
+
+    base = stage1_key({"peft_type": "IISAN"})
+    assert stage1_key({"peft_type": "IISAN", "grouping_sequence": "train_valid"}) == base  # a stage-2 choice
+    assert stage1_key({"peft_type": "IISAN", "grouping_checkpoint": "last"}) != base  # another stage-1 file
