@@ -74,7 +74,7 @@ DEFAULT_SEEDS = 1  # a comparison without --seeds: each model once, with the con
 # evaluation included): grouped rows whose overrides differ only in these (and in the model) share a stage 1.
 STAGE2_KEYS = frozenset(
     {"group_negatives", "grouping_method", "n_groups", "soft_groups", "soft_group_weighting",
-     "soft_group_temperature", "stage2_epochs", "weight_decay_grid", "personal_vector_position"}
+     "soft_group_temperature", "stage2_epochs", "weight_decay_grid", "personal_vector_position", "grouping_sequence"}
 )  # fmt: skip
 # Not stage-1 settings either: the seed is matched separately, a given checkpoint replaces stage 1, and a
 # two-stage model ignores `epochs` (stage 1 trains stage1_epochs: two_stage.stage_config).

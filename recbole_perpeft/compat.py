@@ -1,14 +1,20 @@
 """RecBole 1.2.1 on today's stack: every fix in one place.
 
-Pins (declared in setup.cfg, checked here so a wrong environment fails with a clear message):
+Versions (declared in setup.cfg; docs/install.md says how the install gets them):
 
-* ``numpy<2``: ``Config.compatibility_settings`` aliases ``np.float_``, ``np.int_`` ... that numpy 2
-  removed, so constructing any RecBole ``Config`` raises ``AttributeError``. Where numpy cannot be
-  downgraded (a preinstalled GPU image whose scipy needs numpy 2; install there with ``pip install
-  --no-deps``), ``RECBOLE_PERPEFT_ALLOW_NUMPY2=1`` restores the three aliases numpy 2 removed
-  (:data:`NUMPY2_ALIASES`) instead of refusing: opt-in, since the suite runs under the pin.
-* ``pandas<3``: RecBole fills missing atomic-file values with ``df[field].fillna(..., inplace=True)``;
-  under pandas 3 copy-on-write that is a silent no-op and NaN reaches the token remapping.
+* numpy 1.24 to 2.x. ``Config.compatibility_settings`` aliases ``np.float_``, ``np.int_`` ...; numpy 2
+  removed three of them (:data:`NUMPY2_ALIASES`), so constructing any RecBole ``Config`` raised
+  ``AttributeError``. :func:`check_environment` (run before every ``Config``) restores those three as the
+  names of the types they always meant, which is all RecBole needs: the quick start gives the same metrics,
+  to the last digit, under numpy 1.26 and 2.x. No ``numpy<2`` pin, so a user's numpy 2 is never downgraded.
+* ``pandas<3``, refused with one line (:func:`check_environment`) where pandas 3 is present anyway:
+  RecBole fills missing atomic-file values with ``df[field].fillna(..., inplace=True)``, a silent no-op
+  under pandas 3's copy-on-write (NaN reaches the token remapping), and its ``_remap`` then fails
+  ("Length of values does not match length of index"). Supporting pandas 3 would mean re-implementing
+  RecBole's loading; pandas 2 is what RecBole 1.2.1 was written for.
+* ray: RecBole's metadata requires ``ray<=2.6.3`` (no wheel for Python 3.12+) for ``recbole.quick_start``'s
+  ``ray.tune`` import. We never import ``recbole.quick_start`` (our :mod:`recbole_perpeft.quick_start` uses
+  the lower-level API), so the install drops ray (pyproject.toml's ``[tool.uv]`` override).
 
 Patches (no pin can fix them):
 
@@ -17,9 +23,6 @@ Patches (no pin can fix them):
   ``evaluate(load_best_model=True)`` refuse the files it wrote. :class:`SafeCheckpointMixin` writes
   checkpoints that hold only tensors and plain Python values, so RecBole's unchanged loading code
   reads them with ``weights_only=True`` and no file we did not write is ever unpickled.
-* ``recbole.quick_start`` imports ``ray.tune``, and the ray that RecBole 1.2.1 admits needs
-  ``pkg_resources`` (gone from recent setuptools). We never import ``recbole.quick_start``; our
-  :mod:`recbole_perpeft.quick_start` uses the lower-level API instead.
 
 RecBole 1.2.1's multi-process training (what :mod:`recbole_perpeft.distributed` replaces it with):
 
@@ -40,7 +43,9 @@ RecBole 1.2.1's multi-process training (what :mod:`recbole_perpeft.distributed` 
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -50,35 +55,34 @@ from recbole.trainer import AbstractTrainer
 
 from recbole_perpeft.data.cache_files import atomic_output
 
-NUMPY_MAX_MAJOR = 1
 PANDAS_MAX_MAJOR = 2
-ALLOW_NUMPY2 = "RECBOLE_PERPEFT_ALLOW_NUMPY2"
 # What numpy 2 removed that RecBole's Config.compatibility_settings reads (its other aliases still exist).
 NUMPY2_ALIASES = {"float_": "float64", "complex_": "complex128", "unicode_": "str_"}
 
 
 def restore_numpy_aliases() -> None:
+    """numpy 2's removed names, pointing at what numpy 1 defined them as (a no-op on numpy 1)."""
     for old, new in NUMPY2_ALIASES.items():
         if not hasattr(np, old):
             setattr(np, old, getattr(np, new))
 
 
+def pandas_fix_command() -> str:
+    """The command that installs a pandas RecBole 1.2.1 runs under into this interpreter's environment:
+    with its pip where it has one, with uv's pip interface otherwise (uv-made venvs have no pip)."""
+    if importlib.util.find_spec("pip") is not None:
+        return f'{sys.executable} -m pip install "pandas>=2,<3"'
+    return f'uv pip install --python {sys.executable} "pandas>=2,<3"'
+
+
 def check_environment() -> None:
-    """Fail early, naming the package and the fix, when a pin is not honoured."""
-    problems = []
-    if int(np.__version__.split(".")[0]) > NUMPY_MAX_MAJOR:
-        if os.environ.get(ALLOW_NUMPY2) == "1":
-            restore_numpy_aliases()
-        else:
-            problems.append(f"numpy {np.__version__} (RecBole 1.2.1 needs numpy<2; where numpy cannot be downgraded, "
-                            f"set {ALLOW_NUMPY2}=1 to restore the aliases it reads)")  # fmt: skip
+    """Before any RecBole ``Config``: restore numpy 2's removed aliases; refuse pandas 3 in one line."""
+    restore_numpy_aliases()
     if int(pd.__version__.split(".")[0]) > PANDAS_MAX_MAJOR:
-        problems.append(f"pandas {pd.__version__} (RecBole 1.2.1 needs pandas<3)")
-    if problems:
         raise ImportError(
-            "recbole_perpeft: incompatible packages installed: "
-            + "; ".join(problems)
-            + ". Reinstall with `pip install -e .` from the project root, which pins them."
+            f"recbole_perpeft: pandas {pd.__version__} is installed, but RecBole 1.2.1 needs pandas<3 (under pandas "
+            "3 its fillna(inplace=True) fills nothing and its _remap fails with 'Length of values does not match "
+            f"length of index'). Fix: {pandas_fix_command()}"
         )
 
 

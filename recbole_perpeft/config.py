@@ -20,6 +20,7 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_perpeft.compat import check_environment, init_distributed_device
 from recbole_perpeft.config_values import choice
+from recbole_perpeft.data.checks import embedded_dataset_path
 from recbole_perpeft.model.precision import PRECISIONS
 from recbole_perpeft.property_files import PROPERTIES_DIR
 from recbole_perpeft.utils import get_model
@@ -159,6 +160,10 @@ class Config(RecBoleConfig):
         # recbole_perpeft.data.create_dataset, so building a Config (e.g. only to read its seed) never downloads.
         data_root = self.final_config_dict["data_path"]
         super()._set_default_parameters()  # data_path becomes <data_path>/<dataset>
+        if self.dataset == "ml-100k":  # RecBole: always its bundled copy; ours: data_path first (data/checks.py)
+            self.final_config_dict["data_path"] = embedded_dataset_path(
+                self.dataset, data_root, self.final_config_dict["data_path"], "data_path" in self.external_config_dict
+            )
         if self.final_config_dict.get("image_dir") is None:
             self.final_config_dict["image_dir"] = os.path.join(data_root, self.dataset, "images")
 

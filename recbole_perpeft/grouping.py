@@ -155,6 +155,21 @@ class UserGroups:
         )
 
 
+GROUPING_SEQUENCES = ("train", "train_valid")  # what the interest vector reads: train items, or + validation
+GROUPING_CHECKPOINTS = ("best", "last")  # which stage-1 epoch groups users and starts stage 2
+
+
+def grouping_source(config) -> tuple[str, str]:
+    """(``grouping_sequence``, ``grouping_checkpoint``), checked (properties/model/TwoStageGrouped.yaml):
+    ours is (train, best), the official code's (train_valid, last)."""
+    hint = "(properties/model/TwoStageGrouped.yaml)"
+    sequence = config["grouping_sequence"] if "grouping_sequence" in config else None
+    checkpoint = config["grouping_checkpoint"] if "grouping_checkpoint" in config else None
+    return (choice(str(sequence or "train").lower(), GROUPING_SEQUENCES, "grouping_sequence", hint, given=sequence),
+            choice(str(checkpoint or "best").lower(), GROUPING_CHECKPOINTS, "grouping_checkpoint", hint,
+                   given=checkpoint))  # fmt: skip
+
+
 def check_grouping(n_groups, method: str, n_users: int) -> None:
     """The grouping settings against the users to group: checked before stage 1 trains, and again at
     the grouping itself."""

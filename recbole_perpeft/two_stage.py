@@ -24,7 +24,7 @@ import torch
 
 from recbole_perpeft.data.sampler import GroupNegativeSampler, SequenceNegativeSampler
 from recbole_perpeft.distributed import build_item_tables, on_rank0, rank, single_process_view
-from recbole_perpeft.grouping import UserGroups, fit_user_groups, training_item_pools
+from recbole_perpeft.grouping import UserGroups, fit_user_groups, grouping_source, training_item_pools
 from recbole_perpeft.resume import TrainingInterrupted, best_checkpoint_path, load_checkpoint
 from recbole_perpeft.trainer import PEFTTrainer, checkpoint_path
 from recbole_perpeft.utils import trainable_parameters_by_component
@@ -47,7 +47,7 @@ def groups_file(stage2_checkpoint: str) -> str:
     return os.path.splitext(stage2_checkpoint)[0] + "-groups.pt"
 
 
-def group_users(model, dataset, config) -> UserGroups:
+def group_users(model, dataset, config, valid_dataset=None) -> UserGroups:
     """The interest groups of every training user under a trained GlobalPEFT (in eval mode). In several
     processes every rank helps build the item table, and rank 0 groups the users for all (K-Means may
     differ in the last bits from machine to machine; every rank must hold the same groups)."""
@@ -56,7 +56,9 @@ def group_users(model, dataset, config) -> UserGroups:
 
     @torch.no_grad()
     def fit() -> UserGroups:
-        user_ids, vectors = model.backbone.interest_vectors(dataset, model.item_table(), config["eval_batch_size"])
+        # grouping_sequence train_valid: the validation items too (the official code's; valid_dataset given)
+        user_ids, vectors = model.backbone.interest_vectors(dataset, model.item_table(), config["eval_batch_size"],
+                                                            valid_dataset)  # fmt: skip
         return fit_user_groups(vectors, np.asarray(user_ids), dataset.user_num, config["n_groups"],
                                config["grouping_method"], config["seed"])  # fmt: skip
 
@@ -151,8 +153,11 @@ class TwoStageTrainer(PEFTTrainer):
         start = time()
         trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress)
         self.seconds["stage1_train"], self.seconds["stage1_per_epoch"] = time() - start, trainer.epoch_seconds
-        model.load_state_dict(load_checkpoint(trainer.saved_model_file, map_location=self.device)["state_dict"])
-        self.global_checkpoint = trainer.saved_model_file
+        # grouping_checkpoint last (the official code's): the last epoch's weights, from the -last checkpoint fit
+        # wrote, which is then also the global_checkpoint a comparison's later grouped rows start from.
+        last = grouping_source(self.config)[1] == "last"
+        self.global_checkpoint = trainer.last_model_file if last else trainer.saved_model_file
+        model.load_state_dict(load_checkpoint(self.global_checkpoint, map_location=self.device)["state_dict"])
         return model
 
     def stage2_loader(self, dataset):
@@ -186,7 +191,8 @@ class TwoStageTrainer(PEFTTrainer):
         if not self._stage2_resume and self._global_state is None:
             # (n_groups and grouping_method were checked when the model was built: TwoStageGrouped.)
             global_model = self.stage1(train_data, valid_data, show_progress)
-            groups = group_users(global_model, dataset, self.config)
+            with_valid = grouping_source(self.config)[0] == "train_valid" and valid_data is not None
+            groups = group_users(global_model, dataset, self.config, valid_data._dataset if with_valid else None)
             global_state = global_model.state_dict()
             del global_model
             self.prepare_stage2(global_state, groups)

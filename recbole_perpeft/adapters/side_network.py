@@ -91,9 +91,13 @@ class SideNetwork(nn.Module):
         self.n_blocks = positive_int(settings["side_blocks"], "side_blocks")
         self.hidden = positive_int(settings["side_adapter_size"], "side_adapter_size")
         self.side_width = positive_int(settings["side_width"], "side_width")
-        self.inputs = nn.ModuleDict({m: SideInputs(w, self.n_blocks, self.side_width) for m, w in widths.items()})
-        self.width = {m: self.side_width for m in self.modalities}  # per modality, for auxiliary losses
+        self.inputs = nn.ModuleDict({m: SideInputs(w, self.n_blocks, self.block_width(w)) for m, w in widths.items()})
+        self.width = {m: self.inputs[m].width for m in self.modalities}  # per modality, for auxiliary losses
         self.out_dims: dict[str, int] = {}
+
+    def block_width(self, widths: list[int]) -> int:
+        """The width a modality's blocks run at, given the widths of its selected states."""
+        return self.side_width
 
     def block_inputs(self, states: dict, present: dict) -> dict[str, list[torch.Tensor]]:
         return {m: self.inputs[m](states[m], present[m]) for m in self.modalities}

@@ -1,16 +1,15 @@
-"""The analysis pictures (matplotlib, Agg backend: no display needed). Every function writes one PNG and
-returns its path; figures are sized to stay small (a README can hold them)."""
+"""The analysis pictures. Every function writes one PNG and returns its path; figures are sized to stay
+small (a README can hold them). Built with matplotlib's object API (``Figure``, saved by the Agg canvas
+that a ``.png`` path selects): no display needed, and importing this module leaves the user's pyplot
+backend and open figures alone."""
 
 from __future__ import annotations
 
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 
@@ -18,8 +17,13 @@ DPI = 100
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return path
+
+
+def _subplots(*args, figsize, **kwargs):
+    """``plt.subplots`` without pyplot: a figure no pyplot state holds (nothing to close)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _short(text: str, length: int = 28) -> str:
@@ -29,7 +33,7 @@ def _short(text: str, length: int = 28) -> str:
 def group_sizes(sizes: list[int], path: str, title: str = "Users per interest group") -> str:
     """Bar chart of the group sizes, largest first, each bar labelled with its group and count."""
     order = np.argsort(-np.asarray(sizes), kind="stable")
-    fig, ax = plt.subplots(figsize=(max(3.5, 0.5 * len(sizes) + 2), 3))
+    fig, ax = _subplots(figsize=(max(3.5, 0.5 * len(sizes) + 2), 3))
     bars = ax.bar(range(len(sizes)), [sizes[g] for g in order], color="tab:blue")
     ax.bar_label(bars, fontsize=8)
     ax.set_xticks(range(len(sizes)), [f"g{g}" for g in order])
@@ -48,7 +52,7 @@ def attention_heatmap(
     weights = np.asarray(weights)
     panels = 2 if len(adapters) > 1 and adapters[0] == "global" else 1
     width = max(4, 0.55 * len(tokens) + 1.8)
-    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 0.42 * len(adapters) + 1.6), squeeze=False)
+    fig, axes = _subplots(1, panels, figsize=(width * panels, 0.42 * len(adapters) + 1.6), squeeze=False)
     shown = [(weights, "viridis", 0.0, max(float(weights.max()), 1e-9), "attention")]
     if panels == 2:
         diff = weights - weights[:1]
@@ -86,7 +90,7 @@ def jsd_matrix(matrix: np.ndarray, adapters: list[str], path: str, title: str) -
     top = float(matrix.max())
     exponent = -int(np.floor(np.log10(top))) if top > 0 else 0
     values = matrix * 10.0**exponent
-    fig, ax = plt.subplots(figsize=(0.6 * len(adapters) + 2.4, 0.5 * len(adapters) + 1.6))
+    fig, ax = _subplots(figsize=(0.6 * len(adapters) + 2.4, 0.5 * len(adapters) + 1.6))
     image = ax.imshow(values, cmap="magma")
     ax.set_xticks(range(len(adapters)), adapters, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(adapters)), adapters, fontsize=8)
@@ -111,7 +115,7 @@ def gradcam_panels(cams, path: str, title: str) -> str:
     )[:, 0].numpy()
     top = max(float(upsampled.max()), 1e-12)
     n = len(cams.adapters)
-    fig, axes = plt.subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.4))
+    fig, axes = _subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.4))
     axes[0].imshow(cams.pixels)
     axes[0].set_title("image", fontsize=8)
     for ax, name, heat, score in zip(axes[1:], cams.adapters, upsampled, cams.scores, strict=True):
@@ -137,7 +141,7 @@ def contact_sheet(case: dict, thumbnail, path: str, history: int = 5) -> str:
             titles[item] = entry["title"] or entry["item"]
     titles[case["test_item_id"]] = case["test_item"]["title"] or case["test_item"]["item"]
     columns = max(len(items) for _, items in rows)
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.25 * columns + 1, 1.75 * len(rows)), squeeze=False)
+    fig, axes = _subplots(len(rows), columns, figsize=(1.25 * columns + 1, 1.75 * len(rows)), squeeze=False)
     for r, (label, items) in enumerate(rows):
         for c in range(columns):
             ax = axes[r][c]
@@ -163,7 +167,7 @@ def contact_sheet(case: dict, thumbnail, path: str, history: int = 5) -> str:
 
 def metric_vs_groups(points: dict, path: str, title: str) -> str:
     """``points``: {metric label: ([n_groups], [values])}; one line per metric against the number of groups."""
-    fig, ax = plt.subplots(figsize=(4.5, 3))
+    fig, ax = _subplots(figsize=(4.5, 3))
     for label, (ns, values) in points.items():
         ax.plot(ns, values, marker="o", label=label)
     all_ns = sorted({n for ns, _ in points.values() for n in ns})
@@ -184,7 +188,7 @@ def training_curves(curves: dict, path: str, title: str, metric: str | None = No
     panels = [(key, label) for key, label in panels if any(stage.get(key) for stage in curves.values())]
     if not panels:
         raise ValueError("no per-epoch values to plot (the log has no epoch lines, the result no per_epoch seconds).")
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.8), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(3.4 * len(panels), 2.8), squeeze=False)
     offset = 0
     for stage, values in curves.items():
         epochs = np.asarray(values.get("epoch") or range(len(values.get("seconds") or [])))
@@ -210,7 +214,7 @@ def cost_bars(rows: list[dict], path: str, title: str) -> str:
     """Two panels: trainable parameters (stacked: group-specific and shared) and seconds per training
     epoch (one bar per model and stage). ``rows`` as ``curves.cost_rows`` gives them."""
     n_bars = sum(max(len(r["epoch_seconds"]), 1) for r in rows)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(3 + 1.6 * len(rows) + 1.3 * n_bars, 3.4))
+    fig, (left, right) = _subplots(1, 2, figsize=(3 + 1.6 * len(rows) + 1.3 * n_bars, 3.4))
     names = [r["label"] for r in rows]
     shared = [r["parameters"]["shared"] for r in rows]
     grouped = [r["parameters"]["group_specific"] for r in rows]

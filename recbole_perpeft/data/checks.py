@@ -157,6 +157,22 @@ def require_columns(path: str, header: list[tuple[str, str]], fields: dict[str, 
             )
 
 
+def require_float_time(path: str, header: list[tuple[str, str]], time_field: str | None, load_col) -> None:
+    """The time field must be ``float``: RecBole orders each user's interactions by it, and a ``token``
+    column would be ordered by the order of first appearance of its values (a string type by nothing at all)."""
+    types = dict(header)
+    if not time_field or time_field not in types or types[time_field] == "float":
+        return
+    if load_col is not None and time_field not in load_col:
+        return  # not read: sequences keep the file's order
+    listed = "\t".join(f"{n}:{t}" for n, t in header)
+    raise ValueError(
+        f"{os.path.basename(path)} header declares the time field as {time_field}:{types[time_field]} ({path}; "
+        f"header: {listed!r}): interactions are ordered by it, so it must be {time_field}:float (Unix seconds or "
+        "any number); change the header, or set TIME_FIELD to another column."
+    )
+
+
 def scan_rows(path: str, sep: str, encoding, n_fields: int, refuse_fewer: bool) -> Scan:
     """Refuse a line with more fields than the header (pandas would drop the extra values, or, on the
     first line, shift every column by one), and with ``refuse_fewer`` one with fewer. Returns the
@@ -239,6 +255,26 @@ def explain_load_error(path: str, sep: str, encoding, seq_sep: str, header, erro
             f"as {'token' if ftype == 'float' else 'token_seq'}."
         )
     return ValueError(f"{name} could not be read ({path}): {error}")
+
+
+# --- where the files are -----------------------------------------------------------------------------------
+
+
+def embedded_dataset_path(dataset: str, data_root: str, bundled: str, given: bool) -> str:
+    """The folder to read ``ml-100k`` from. RecBole reads its bundled copy (``bundled``) whatever
+    ``data_path`` says, while our ``image_dir`` follows ``data_path``: here ``<data_root>/ml-100k/`` is read
+    when it holds ``ml-100k.inter``, as for every other dataset; a ``data_path`` the user gave without it is
+    refused; otherwise (the default ``data_path``) the bundled copy is read."""
+    folder = os.path.join(data_root, dataset)
+    if os.path.isfile(os.path.join(folder, f"{dataset}.inter")):
+        return folder
+    if given:
+        raise ValueError(
+            f"data_path={data_root!r} has no {dataset}/{dataset}.inter ({folder}): put {dataset}.inter (and "
+            f"{dataset}.item) there, or leave data_path out to read the copy of {dataset} that ships with RecBole "
+            f"({os.path.normpath(bundled)})."
+        )
+    return bundled
 
 
 # --- the data after filtering -------------------------------------------------------------------------------

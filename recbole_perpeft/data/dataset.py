@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureSource, FeatureType
 
@@ -41,6 +42,12 @@ class MultimodalSequentialDataset(SequentialDataset):
         header = checks.read_header(filepath, sep, encoding, what.get(source, "rows"))
         if is_inter:
             checks.require_columns(filepath, header, {"USER_ID_FIELD": self.uid_field, "ITEM_ID_FIELD": self.iid_field})
+            checks.require_float_time(filepath, header, self.time_field, load_col)
+            if self.time_field and load_col and self.time_field in load_col and self.time_field not in dict(header):
+                self.logger.warning(
+                    f"{name} has no column '{self.time_field}' (TIME_FIELD, listed in load_col; {filepath}): each "
+                    "user's interactions are taken in the order of the file."
+                )
         elif source in (FeatureSource.ITEM, FeatureSource.USER):
             if source == FeatureSource.ITEM:
                 checks.require_columns(filepath, header, {"ITEM_ID_FIELD": self.iid_field})
@@ -85,6 +92,16 @@ class MultimodalSequentialDataset(SequentialDataset):
                 "ordered by it); fill it in or remove these lines."
             )
 
+    def _dataframe_to_interaction(self, data):
+        """RecBole's, but the time field stays float64: RecBole's float32 rounds Unix seconds to 64-second
+        steps (886324817 -> 886324992), which reorders a user's interactions wherever sequences are sorted."""
+        inter = super()._dataframe_to_interaction(data)
+        time = self.time_field
+        if time and time in data and self.field2type.get(time) == FeatureType.FLOAT:
+            if time not in (self.config["numerical_features"] or []):
+                inter[time] = torch.from_numpy(data[time].to_numpy(dtype=np.float64, copy=True))
+        return inter
+
     def _note_repeated_rows(self, feat, filepath, source, lines):
         id_field = self.iid_field if source == FeatureSource.ITEM else self.uid_field
         if id_field not in feat:
@@ -101,6 +118,11 @@ class MultimodalSequentialDataset(SequentialDataset):
 
     def _load_data(self, token, dataset_path):
         super()._load_data(token, dataset_path)
+        if self.inter_feat is None:  # RecBole reads no .inter when load_col has no 'inter' entry
+            raise ValueError(
+                f"load_col has no 'inter' entry (load_col: {self.config['load_col']}), so {token}.inter is not read: "
+                "add e.g. inter: [user_id, item_id, timestamp] (a misspelt key?)."
+            )
         self._note_duplicated_interactions()
         self._note_missing_rows(self.item_feat, self.iid_field, "item")
         self._note_missing_rows(self.user_feat, self.uid_field, "user")

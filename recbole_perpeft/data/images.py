@@ -22,8 +22,10 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
+
+from recbole_perpeft.data.image_decoding import to_rgb
 
 logger = getLogger(__name__)
 
@@ -107,7 +109,9 @@ def save_image(
             img.load()
             if img.format != "JPEG":  # a PNG/GIF/WebP: store a real JPEG under the .jpg name
                 out = io.BytesIO()
-                img.convert("RGB").save(out, format="JPEG", quality=95)
+                # upright, deep greyscale scaled and transparency over white (convert("RGB") made a
+                # 16-bit PNG pure white); a JPEG is kept as sent, its EXIF orientation applied on decoding
+                to_rgb(ImageOps.exif_transpose(img)).save(out, format="JPEG", quality=95)
                 body = out.getvalue()
         tmp.write_bytes(body)
         if not decodes(tmp):

@@ -25,21 +25,22 @@ import hashlib
 import json
 import os
 import stat
-import warnings
 from logging import getLogger
 
 import numpy as np
 import torch
-from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from recbole_perpeft.data.cache_files import atomic_output, build_lock
-
-# How pixels are made from a file (part of every image cache key: change it when load_image changes).
-IMAGE_DECODING = "rgb-draft2x-resize-shorter-bicubic-centercrop"
-# A JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) that still leaves at least this many times the
-# target size (as PIL's Image.thumbnail), then resized: huge files decode cheaply, pixels barely change.
-DRAFT_GAP = 2
+from recbole_perpeft.data.cache_files import atomic_output, build_lock, preallocate, set_lock_timeout
+from recbole_perpeft.data.image_decoding import (  # noqa: F401 - load_image and the rest re-exported
+    DRAFT_GAP,
+    IMAGE_DECODING,
+    MAX_ASPECT_RATIO,
+    UnusableImage,
+    load_image,
+    resize_and_crop,
+)
 
 
 def cache_key(*parts) -> str:
@@ -53,63 +54,6 @@ def gather_rows(array: np.ndarray, items: torch.Tensor) -> torch.Tensor:
     rows = np.unique(flat)
     block = torch.from_numpy(np.ascontiguousarray(array[rows]))
     return block[torch.from_numpy(np.searchsorted(rows, flat))]
-
-
-def load_image(path: str, size: int) -> np.ndarray:
-    """RGB, shorter side resized to ``size`` (bicubic), centre-cropped: uint8 [3, size, size].
-
-    A JPEG is decoded at a reduced scale first (PIL's ``draft``: 1/2 to 1/8, never below
-    ``DRAFT_GAP * size``), so a huge photo costs little. Raises ``Image.DecompressionBombError`` when
-    the image is still over PIL's decompression-bomb limit (``2 * Image.MAX_IMAGE_PIXELS``) at the
-    scale it would be decoded at."""
-    with _open_image(path) as img:
-        img.draft("RGB", (DRAFT_GAP * size, DRAFT_GAP * size))
-        _check_pixel_count(img, path)
-        return resize_and_crop(img, size)
-
-
-def resize_and_crop(img: Image.Image, size: int) -> np.ndarray:
-    """RGB, shorter side resized to ``size`` (bicubic), centre-cropped: uint8 [3, size, size]."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
-def _open_image(path: str) -> Image.Image:
-    """``Image.open``, but the decompression-bomb check is left to :func:`_check_pixel_count`, which sees
-    the size after ``draft``: a JPEG too large for PIL at full size may be fine at 1/8 scale."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked after draft, with the path
-        try:
-            return Image.open(path)
-        except Image.DecompressionBombError as err:
-            try:
-                return JpegImagePlugin.JpegImageFile(path)  # no size check on open; not a JPEG: SyntaxError
-            except (SyntaxError, OSError):
-                raise err from None
-
-
-def _check_pixel_count(img: Image.Image, path: str) -> None:
-    """PIL's decompression-bomb rule on the size that will be decoded: over twice
-    ``Image.MAX_IMAGE_PIXELS`` raises, over it decodes with a warning naming the file."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is None:
-        return
-    w, h = img.size
-    if w * h > 2 * limit:
-        raise Image.DecompressionBombError(
-            f"{w}x{h} pixels to decode, over PIL's limit of {2 * limit} (2 x PIL.Image.MAX_IMAGE_PIXELS)"
-        )
-    if w * h > limit:
-        getLogger().warning(
-            f"Large image {path}: decoding {w}x{h} pixels (over PIL.Image.MAX_IMAGE_PIXELS = {limit}), "
-            "slowly; a smaller file would do (the model sees it at a few hundred pixels)."
-        )
 
 
 def file_stamp(path: str | None) -> list | None:
@@ -169,6 +113,7 @@ class ItemModalityStore:
         self.dataset_name = config["dataset"]
         self.cache_dir = os.path.join(config["cache_dir"] or "cache", self.dataset_name)
         self.show_progress = bool(config["show_progress"])
+        set_lock_timeout(config["cache_lock_timeout"] if "cache_lock_timeout" in config else 3600)
         self.item_tokens = list(dataset.field2id_token[dataset.iid_field])
         self.texts = dataset.item_texts()
         self.image_paths = dataset.item_image_paths()
@@ -176,11 +121,34 @@ class ItemModalityStore:
         self.has_text = torch.tensor([bool(t) for t in self.texts])
         self.has_text[0] = False
         missing = self.n_items - 1 - int(self.has_text.sum())
+        if missing == self.n_items - 1:
+            self._check_some_modality_left(config)
         if missing:
             self.logger.warning(f"{missing} of {self.n_items - 1} items have no text: they get a learned placeholder.")
         self.missing_image_ratio, self.missing_image_seed = missing_image_settings(config)
         if self.missing_image_ratio > 0:
             self._check_images_to_withhold(config["modalities"] if "modalities" in config else None)
+
+    def _check_some_modality_left(self, config) -> None:
+        """No item has a title: refuse here, before any model is built, when no item has an image either
+        (or the run uses none); the model would train on placeholders alone (or crash on an empty batch)."""
+        modalities = config["modalities"] if "modalities" in config else None
+        images_used = modalities is None or "image" in modalities
+        if images_used and self.image_availability().any():
+            return
+        field = config["text_field"]
+        titles = (f"text_field '{field}' of {self.dataset_name}.item is empty for every item" if field
+                  else "text_field is not set")  # fmt: skip
+        if not images_used:
+            images = f"the run uses no images (modalities: {list(modalities)})"
+        elif config["image_field"]:
+            images = f"no item's image_field '{config['image_field']}' names an existing file"
+        else:
+            images = f"no item has an image file in image_dir={config['image_dir']}"
+        raise ValueError(
+            f"No modality left: {titles}, and {images}. Give the items titles (text_field) or images "
+            "(image_dir / image_field)."
+        )
 
     def _check_images_to_withhold(self, modalities) -> None:
         """An error, not a warning: a run meant to measure robustness to missing images would otherwise
@@ -282,10 +250,11 @@ class ItemModalityStore:
 
     def _decode_images(self, size: int, pixels_file: str, mask_file: str) -> None:
         has_image = np.zeros(self.n_items, dtype=bool)
-        absent, corrupt, too_large = 0, [], []
+        absent, corrupt, too_large, odd = 0, [], [], []
         stamps = self.image_stamps()
         with atomic_output(pixels_file) as tmp:
             pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(self.n_items, 3, size, size))
+            preallocate(tmp)  # a full disk is one error line here, not a SIGBUS halfway through the decoding
             items = tqdm(range(1, self.n_items), desc="Decoding item images", disable=not self.show_progress)
             for item in items:
                 path = self.image_paths[item]
@@ -303,6 +272,9 @@ class ItemModalityStore:
                         "file (a few hundred pixels a side is plenty) or raise PIL.Image.MAX_IMAGE_PIXELS; the "
                         "next run decodes the changed file."
                     )
+                except UnusableImage as err:
+                    odd.append(path)
+                    self.logger.warning(f"Image {path} is not used ({err}): item {token} has no image.")
                 except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
                     corrupt.append(path)
                     self.logger.warning(f"Corrupt image {path} ({err}): item {token} has no image.")
@@ -312,5 +284,6 @@ class ItemModalityStore:
                 np.save(f, has_image)  # before the pixels: their presence marks a complete entry
         self.logger.info(
             f"Images: {int(has_image.sum())} decoded, {absent} items without an image file, "
-            f"{len(corrupt)} corrupt, {len(too_large)} too large; missing ones get a learned placeholder."
+            f"{len(corrupt)} corrupt, {len(too_large)} too large, {len(odd)} out of shape; missing ones get a "
+            "learned placeholder."
         )

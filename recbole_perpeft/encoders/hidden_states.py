@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recbole_perpeft.data.cache_files import build_lock, temp_path, write_json_atomic
+from recbole_perpeft.data.cache_files import build_lock, preallocate, temp_path, write_json_atomic
 from recbole_perpeft.data.modality_store import gather_rows
 from recbole_perpeft.encoders.base import FoundationModel, select_layers
 
@@ -227,6 +227,12 @@ def _build(store, meta, compute, what, present, batch_size, show_progress, array
         getLogger().info(f"Resuming the {what}: {done} of {len(items)} items already encoded.")
     else:
         array = np.lib.format.open_memmap(partial_array, mode="w+", dtype=np.float16, shape=(store.n_items, width))
+        try:
+            preallocate(partial_array)  # a full disk: one error line, not SIGBUS on the first write
+        except OSError:
+            del array
+            os.remove(partial_array)
+            raise
         array[:] = 0
     clamped = 0
     chunks = items[done:].split(max(int(batch_size), 1))

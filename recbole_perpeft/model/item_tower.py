@@ -16,10 +16,21 @@ from torch import nn
 
 from recbole_perpeft.adapters.base import GLOBAL_ADAPTER, group_adapter_name
 from recbole_perpeft.adapters.registry import FROZEN, get_adapter_family, option, positive_int
+from recbole_perpeft.config_values import choice
 from recbole_perpeft.data.modality_store import ItemModalityStore, gather_rows
 from recbole_perpeft.encoders import build_foundation
 from recbole_perpeft.model.length_buckets import MIN_BUCKET, length_buckets, resolve_text_batching
 from recbole_perpeft.model.precision import Precision, device_type_of
+
+PROJECTOR_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+MODALITY_NORMS = ("layernorm", "l2", "none", "official")
+
+
+class UnitLength(nn.Module):
+    """Each vector scaled to unit L2 norm: CLIPModel's image_embeds / text_embeds, the official code's input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=-1)
 
 
 class ItemTower(nn.Module):
@@ -52,7 +63,7 @@ class ItemTower(nn.Module):
         self._register_family_modules()
         dims = self.family.placeholder_dims
         self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m, d in dims.items()})
-        self.projector = self._projector(config, self.family.out_dims)
+        self.projector = self._projector(config, self.family.out_dims, side_network=self.side is not None)
         # item vector = ID embedding + multimodal_weight * projector(...): 1 here, 0.5 in the official code
         weight = option(config, "multimodal_weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
@@ -100,16 +111,28 @@ class ItemTower(nn.Module):
             setattr(self, name, module)  # registered as a sub-module: state keys item_tower.<name>.*
 
     @staticmethod
-    def _projector(config, dims: dict[str, int]) -> nn.ModuleDict:
+    def _projector(config, dims: dict[str, int], side_network: bool = False) -> nn.ModuleDict:
+        """Per-vector norms and the MLP (keys in properties/model/GlobalPEFT.yaml). The optional LayerNorms
+        only add modules, so a default projector's state keys are what they always were."""
         hidden = config["hidden_size"]
         width = positive_int(option(config, "projector_hidden_size", hidden), "projector_hidden_size")
-        layers = [nn.Linear(sum(dims.values()), width), nn.GELU(), nn.Dropout(option(config, "projector_dropout", 0.0)),
-                  nn.Linear(width, hidden)]  # fmt: skip
+        eps = float(option(config, "projector_layer_norm_eps", 1e-5))
+        activation = choice(str(option(config, "projector_activation", "gelu")).lower(), PROJECTOR_ACTIVATIONS,
+                            "projector_activation", "(properties/model/GlobalPEFT.yaml)")  # fmt: skip
+        norm = choice(str(option(config, "modality_norm", "layernorm")).lower(), MODALITY_NORMS, "modality_norm",
+                      "(properties/model/GlobalPEFT.yaml: layernorm, l2 = unit length, none, official)")  # fmt: skip
+        if norm == "official":  # CLIPModel's normalised embeddings; the official IISAN's outputs as they are
+            norm = "none" if side_network else "l2"
+        layers = [nn.Linear(sum(dims.values()), width)]
+        if option(config, "projector_hidden_norm", False):  # the official code's LayerNorm before its ReLU
+            layers.append(nn.LayerNorm(width, eps=eps))
+        layers += [PROJECTOR_ACTIVATIONS[activation](), nn.Dropout(option(config, "projector_dropout", 0.0)),
+                   nn.Linear(width, hidden)]  # fmt: skip
         if option(config, "projector_output_norm", False):  # the official code's last LayerNorm
-            layers.append(nn.LayerNorm(hidden))
-        return nn.ModuleDict(
-            {"norms": nn.ModuleDict({m: nn.LayerNorm(d) for m, d in dims.items()}), "mlp": nn.Sequential(*layers)}
-        )
+            layers.append(nn.LayerNorm(hidden, eps=eps))
+        norms = {m: nn.LayerNorm(d, eps=eps) if norm == "layernorm" else UnitLength() if norm == "l2" else nn.Identity()
+                 for m, d in dims.items()}  # fmt: skip
+        return nn.ModuleDict({"norms": nn.ModuleDict(norms), "mlp": nn.Sequential(*layers)})
 
     # --- what the adapter families read ----------------------------------------------------------------
 

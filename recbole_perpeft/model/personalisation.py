@@ -26,9 +26,9 @@ from torch import nn
 
 from recbole_perpeft.adapters.registry import option
 from recbole_perpeft.data.dataloader import NEG_LIST, TARGET_LIST
-from recbole_perpeft.grouping import check_grouping
+from recbole_perpeft.grouping import check_grouping, grouping_source
 from recbole_perpeft.model.backbones.base import Triples
-from recbole_perpeft.model.sequence_encoder import SASRecEncoder
+from recbole_perpeft.model.sequence_encoder import build_sequence_encoder
 from recbole_perpeft.model.sequential_recommender.globalpeft import GlobalPEFT
 from recbole_perpeft.two_stage import TwoStageTrainer
 
@@ -50,6 +50,7 @@ class TwoStageGrouped:
         # n_groups would otherwise cost that (or stage 1) before it is refused.
         n_users = len(np.unique(dataset.inter_feat[dataset.uid_field].numpy()))
         check_grouping(config["n_groups"], config["grouping_method"], n_users)
+        grouping_source(config)
         super().__init__(config, dataset)
 
     def load_global(self, global_state: dict, groups) -> None:
@@ -206,8 +207,7 @@ class PromptPersonalVector(PersonalisedGlobalPEFT):
         if self.personal_vector_position not in PERSONAL_VECTOR_POSITIONS:
             raise ValueError(f"personal_vector_position must be start (a prompt before the items) or end (after "
                              f"the last item), got {config['personal_vector_position']!r}.")  # fmt: skip
-        self.backbone.encoder = SASRecEncoder(config, self.max_seq_length + 1)
-        self.backbone.encoder.apply(self._init_weights)
+        self.backbone.encoder = build_sequence_encoder(config, self.max_seq_length + 1)
 
     @property
     def at_start(self) -> bool:

@@ -81,7 +81,8 @@ class Backbone(nn.Module):
         """The item representations user vectors are scored against (SASRec: the table itself)."""
         return table
 
-    def interest_vectors(self, dataset, table: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(internal user ids, [n, H] vectors) of every training user, from training data only: what
-        PerPEFT's grouping clusters."""
+    def interest_vectors(self, dataset, table: torch.Tensor, batch_size: int,
+                         valid_dataset=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """(internal user ids, [n, H] vectors) of every training user, from training data only (with
+        ``valid_dataset``, its validation items too, where the backbone can): what PerPEFT's grouping clusters."""
         raise NotImplementedError

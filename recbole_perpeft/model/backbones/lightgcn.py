@@ -161,9 +161,13 @@ class LightGCNBackbone(Backbone):
     def scoring_table(self, table: torch.Tensor) -> torch.Tensor:
         return self.propagated(table)[1]
 
-    def interest_vectors(self, dataset, table: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def interest_vectors(self, dataset, table: torch.Tensor, batch_size: int,
+                         valid_dataset=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Propagated vectors of the users of the training split (one whole-graph propagation, so
         ``batch_size`` is unused), in eval mode (the mode is restored after)."""
+        if valid_dataset is not None:
+            raise ValueError("grouping_sequence: train_valid reads a sequence's last position; LightGCN's user vector "
+                             "comes from the training graph only. Set grouping_sequence: train.")
         user_ids = np.unique(training_pairs(dataset)[0])
         was_training = self.training
         self.eval()

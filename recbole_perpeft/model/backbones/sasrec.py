@@ -3,7 +3,8 @@
 Exactly what GlobalPEFT inlined before backbones existed: trained on sequence windows (one per user, or
 every window with ``train_windows: all``) with the next item as target at every position (Eq. 1), the
 user vector is the encoder's output at the user's last position. The encoder (``backbone.encoder``, a
-:class:`SASRecEncoder`) reads its sizes from the model's keys (hidden_size, n_layers, n_heads, ... in
+:class:`SASRecEncoder`, or the official code's pre-LN one with ``sasrec_variant: official``) reads its
+sizes from the model's keys (hidden_size, n_layers, n_heads, ... in
 properties/model/GlobalPEFT.yaml)."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from recbole_perpeft.data.dataloader import (
 )
 from recbole_perpeft.model.backbones import register_backbone
 from recbole_perpeft.model.backbones.base import Backbone, Triples
-from recbole_perpeft.model.sequence_encoder import SASRecEncoder, init_weights
+from recbole_perpeft.model.sequence_encoder import build_sequence_encoder
 
 
 def causal_attention_mask(item_seq: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,14 @@ def gather_indexes(output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return SequentialRecommender.gather_indexes(None, output, index)
 
 
+def last_windows(full: torch.Tensor, n_full: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n, max_len] items, lengths): the last ``max_len`` of each row's first ``n_full`` items, left-aligned."""
+    start = (n_full - max_len).clamp(min=0)
+    index = start.unsqueeze(1) + torch.arange(max_len)
+    valid = index < n_full.unsqueeze(1)
+    return full.gather(1, index.clamp(max=full.shape[1] - 1)) * valid, n_full.clamp(max=max_len)
+
+
 def training_histories(train_dataset, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(user ids, [n, max_len] items, lengths): each user's last ``max_len`` training items, oldest first
     and left-aligned as RecBole's item lists are (moved here from two_stage.py)."""
@@ -43,12 +52,24 @@ def training_histories(train_dataset, max_len: int) -> tuple[torch.Tensor, torch
     seq = users[train_dataset.item_id_list_field]
     lengths = users[train_dataset.item_list_length_field]
     full = torch.cat([seq[:, :1], users[TARGET_LIST]], dim=1)  # first item + the next items
-    n_full = lengths + 1
-    start = (n_full - max_len).clamp(min=0)
-    index = start.unsqueeze(1) + torch.arange(max_len)
-    valid = index < n_full.unsqueeze(1)
-    histories = full.gather(1, index.clamp(max=full.shape[1] - 1)) * valid
-    return users[train_dataset.uid_field], histories, n_full.clamp(max=max_len)
+    return (users[train_dataset.uid_field], *last_windows(full, lengths + 1, max_len))
+
+
+def with_validation_items(histories: tuple, valid_dataset, max_len: int) -> tuple:
+    """``training_histories`` with each user's validation item appended (the last ``max_len`` kept): the
+    official code's grouping sequence. Users without a validation row keep their training sequence."""
+    user_ids, items, lengths = histories
+    feat = valid_dataset.inter_feat
+    seq, n = feat[valid_dataset.item_id_list_field], feat[valid_dataset.item_list_length_field]
+    full = torch.cat([seq, torch.zeros_like(seq[:, :1])], dim=1)
+    full[torch.arange(len(full)), n] = feat[valid_dataset.iid_field]  # the item after the history
+    valid_items, valid_lengths = last_windows(full, n + 1, max_len)
+    row_of = {int(u): i for i, u in enumerate(user_ids)}
+    rows = torch.tensor([row_of.get(int(u), -1) for u in feat[valid_dataset.uid_field]], dtype=torch.long)
+    known = rows >= 0
+    items, lengths = items.clone(), lengths.clone()
+    items[rows[known]], lengths[rows[known]] = valid_items[known], valid_lengths[known]
+    return user_ids, items, lengths
 
 
 LOSS_POSITIONS = ("all", "last")
@@ -74,11 +95,7 @@ class SASRecBackbone(Backbone):
         positions = str(config["loss_positions"] or "all").lower()
         self.loss_positions = choice(positions, LOSS_POSITIONS, "loss_positions", "(properties/model/GlobalPEFT.yaml)",
                                      given=config["loss_positions"])  # fmt: skip
-        self.encoder = SASRecEncoder(config, self.max_seq_length)
-        self.encoder.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        init_weights(module, self.initializer_range)
+        self.encoder = build_sequence_encoder(config, self.max_seq_length)  # sasrec_variant: recbole | official
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -125,10 +142,15 @@ class SASRecBackbone(Backbone):
     def user_vectors(self, interaction, table: torch.Tensor) -> torch.Tensor:
         return self.last_states(table, interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
 
-    def interest_vectors(self, dataset, table: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The state after each user's last ``max_seq_length`` training items (no valid/test item), in
-        eval mode (no dropout; the mode is restored after), ``batch_size`` users at a time."""
-        user_ids, histories, lengths = training_histories(dataset, self.max_seq_length)
+    def interest_vectors(self, dataset, table: torch.Tensor, batch_size: int,
+                         valid_dataset=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The state after each user's last ``max_seq_length`` training items (no valid/test item; with
+        ``valid_dataset``, the validation item too: ``grouping_sequence: train_valid``), in eval mode (no
+        dropout; the mode is restored after), ``batch_size`` users at a time."""
+        histories = training_histories(dataset, self.max_seq_length)
+        if valid_dataset is not None:
+            histories = with_validation_items(histories, valid_dataset, self.max_seq_length)
+        user_ids, histories, lengths = histories
         was_training = self.training
         self.eval()
         try:

@@ -34,7 +34,7 @@ from recbole_perpeft.model.losses import (
     item_log_popularity,
     sampled_softmax_ce,
 )
-from recbole_perpeft.model.sequence_encoder import init_weights
+from recbole_perpeft.model.sequence_encoder import init_weights, weight_init
 
 FOUNDATION_PREFIX = "item_tower.foundation."
 LOSS_TYPES = ("BCE", "BPR", "INBATCH", SAMPLED_SOFTMAX)
@@ -66,7 +66,8 @@ class GlobalPEFT(SequentialRecommender):
         self.initializer_range = config["initializer_range"]
         self.show_progress = bool(config["show_progress"])
         self.item_id_embedding = nn.Embedding(self.n_items, config["hidden_size"], padding_idx=0)
-        self.item_id_embedding.apply(self._init_weights)
+        # normal(0, initializer_range), or xavier with sasrec_variant: official (the official code's)
+        self.item_id_embedding.apply(weight_init(config) if config["backbone"] == "SASRec" else self._init_weights)
         with torch.no_grad():
             self.item_id_embedding.weight[0].zero_()
         self.backbone_name = config["backbone"]
