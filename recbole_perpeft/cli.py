@@ -3,6 +3,8 @@
     python run_recbole_perpeft.py --model=GlobalPEFT --dataset=ml-100k [--config_files=a.yaml,b.yaml]
         [--result_file=r.json] [--resume=saved/X.pth] [--key=value ...]
 
+Recommendations from a trained run: ``recommend`` and ``export`` subcommands (docs/recommend.md).
+
 ``--model`` is one of ours (GlobalPEFT, FrozenMM, PerPEFT) or any model RecBole ships (SASRec, BERT4Rec, ...).
 Every other ``--key=value`` overrides a YAML key (e.g. ``--epochs=1 --user_sample_ratio=0.2``).
 
@@ -93,6 +95,10 @@ def is_comparison(args) -> bool:
 def main(argv=None):
     from recbole_perpeft.resume import TrainingInterrupted
 
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["recommend"], ["export"]):  # recommend_cli.py
+        from recbole_perpeft.recommend_cli import main as subcommand
+
+        return subcommand(sys.argv[1:] if argv is None else argv)
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if is_comparison(args):

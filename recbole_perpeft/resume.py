@@ -133,6 +133,14 @@ def set_loader_state(loader, state: dict) -> None:
         loader.generator.set_state(state["generator"])
 
 
+def _plain_config(config) -> dict:
+    """The resolved config as plain values (quick_start.json_safe's conversion; not imported: an import circle)."""
+    import json
+
+    plain = json.dumps(config.final_config_dict, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    return json.loads(plain)
+
+
 # --- the trainer side ------------------------------------------------------------------------------------
 
 
@@ -172,6 +180,8 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
             state["rank_rng_states"] = self._rank_rng_states
         if self._train_data is not None:
             state["loader_state"] = loader_state(self._train_data)
+        # The whole resolved config, so that recbole_perpeft.load(checkpoint) needs nothing re-supplied.
+        state["run_config"] = _plain_config(self.config)
         return state
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
