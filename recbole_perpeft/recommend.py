@@ -165,8 +165,8 @@ class Recommender(TokenRecommender):
     def __init__(self, run: TrainedRun, batch_size: int = 256):
         self.run, self.model, self.batch_size = run, run.model, batch_size
         data = run.dataset
-        self.item_tokens = list(data.field2id_token[data.iid_field])
-        self.user_tokens = list(data.field2id_token[data.uid_field])
+        self.item_tokens = [str(t) for t in data.field2id_token[data.iid_field]]
+        self.user_tokens = [str(t) for t in data.field2id_token[data.uid_field]]
         self._index()
         self.sequential = getattr(data, "item_id_list_field", None) is not None and hasattr(self.model, "ITEM_SEQ")
         self.max_seq_length = int(run.config["MAX_ITEM_LIST_LENGTH"]) if self.sequential else 1
