@@ -57,7 +57,9 @@ def check_checkpoint_matches(checkpoint: dict, path: str, what: str, fingerprint
     ``checkpoint`` was written on other data (``fingerprint``: this run's) or with another value of one
     of ``keys``."""
     saved = checkpoint.get("data_fingerprint")
-    if saved is not None and fingerprint is not None and saved["ids"] != fingerprint["ids"]:
+    other = saved is not None and fingerprint is not None and \
+        (saved["ids"], saved["dataset"]) != (fingerprint["ids"], fingerprint["dataset"])  # fmt: skip
+    if other:
         raise ValueError(
             f"{what}={path} was trained on {describe(saved)}; this run has {describe(fingerprint)}. "
             f"Give the dataset and user sample it was trained on (--dataset, --user_sample_ratio, --seed), "

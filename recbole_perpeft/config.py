@@ -170,15 +170,16 @@ class Config(RecBoleConfig):
     def _set_default_parameters(self):
         # The atomic files are not looked for here: a known dataset is prepared (downloaded) on first use by
         # recbole_perpeft.data.create_dataset, so building a Config (e.g. only to read its seed) never downloads.
+        # Checked first: RecBole's own defaults read topk and valid_metric (a TypeError on a bad one).
+        check_known_keys(self.external_config_dict)
+        check_numbers(self.final_config_dict, self.internal_config_dict, self.external_config_dict)
         data_root = self.final_config_dict["data_path"]
         super()._set_default_parameters()  # data_path becomes <data_path>/<dataset>
         if self.final_config_dict.get("image_dir") is None:
             self.final_config_dict["image_dir"] = os.path.join(data_root, self.dataset, "images")
 
     def _check_values(self):
-        check_known_keys(self.external_config_dict)
         cfg = self.final_config_dict
-        check_numbers(cfg, self.internal_config_dict, self.external_config_dict)
         check_valid_metric(cfg)
         for key in ("peft_config", "peft_defaults", "peft_targets"):
             if cfg.get(key) is not None and not isinstance(cfg[key], dict):
