@@ -54,6 +54,9 @@ class Number:
     none_ok: bool = False
 
     def describe(self) -> str:
+        unset = " (or ~)" if self.none_ok else ""
+        if self.kind is int and self.high is None and self.low in (0, 1) and not self.open_low:
+            return ("a non-negative integer" if self.low == 0 else "a positive integer") + unset
         noun = "an integer" if self.kind is int else "a number"
         low, high = (_plain_number(b) for b in (self.low, self.high))
         if self.low is not None and self.high is not None:
@@ -62,7 +65,7 @@ class Number:
             bounds = f" {'above' if self.open_low else 'of at least'} {low}"
         else:
             bounds = ""
-        return noun + bounds + (" (or ~)" if self.none_ok else "")
+        return noun + bounds + unset
 
     def check(self, key: str, value):
         """``value`` (an integral float as an int for an int key), or a ValueError naming the key, what it

@@ -34,7 +34,8 @@ NOT_NUMBERS = ["ten", "nan", float("nan"), float("inf"), True, [1], {"a": 1}]
 def test_every_declared_numeric_key_refuses_every_kind_of_bad_value_by_name(key):
     spec = NUMERIC_KEYS[key]
     for bad in NOT_NUMBERS:
-        with pytest.raises(ValueError, match=rf"^{key} must be (an integer|a number).*, got {re.escape(repr(bad))}"):
+        with pytest.raises(ValueError, match=rf"^{key} must be (an?|a positive|a non-negative) (integer|number).*, "
+                                             rf"got {re.escape(repr(bad))}"):  # fmt: skip
             spec.check(key, bad)
     outside = []
     if spec.low is not None:
