@@ -35,6 +35,8 @@ def check_writable_outputs(config, result_file: str | None, saved: bool) -> None
 def writable_folder(folder: str, what: str, fix: str) -> None:
     """Create ``folder`` if needed and write (then remove) a file in it, or a ValueError: ``what`` is not
     writable (the OS's reason); ``fix``."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{what} is not a writable folder (a file of that name is there): give {fix}.")
     try:
         os.makedirs(folder, exist_ok=True)
         handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
