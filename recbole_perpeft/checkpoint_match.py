@@ -7,8 +7,8 @@ Every checkpoint we write records (``resume.ResumableTrainerMixin``):
   order: the same files under the same sample give the same hash, another sample or dataset another);
 * ``run_keys``: the values of the keys that fix the model's shape (``SHAPE_KEYS``).
 
-``--resume`` and ``global_checkpoint`` compare them with the run's and refuse a difference with one
-line naming both sides (without this, a checkpoint of another dataset of the same shapes is loaded
+``--resume`` compares both with the run's, ``global_checkpoint`` the fingerprint; a difference is refused
+with one line naming both sides (without this, a checkpoint of another dataset of the same shapes is loaded
 silently, and one of another sample ends in a state_dict size-mismatch traceback). A checkpoint written
 before these records existed is not compared.
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 
-# Keys that change which weights a model has, or their shapes (compared on --resume).
+# Keys that change which weights a model has, or their shapes, or what it learns (compared on --resume; not for
+# global_checkpoint, whose stage-1 GlobalPEFT may be shared by grouped models of other keys: compare.py).
 SHAPE_KEYS = ("n_groups", "grouping_method", "MAX_ITEM_LIST_LENGTH", "hidden_size", "inner_size", "n_layers",
               "n_heads", "backbone", "peft_type", "peft_config", "adapt_layers", "modalities", "foundation_model",
-              "text_encoder_path", "clip_path", "loss_type")  # fmt: skip
-GROUP_KEYS = ("n_groups", "grouping_method")  # not compared for global_checkpoint (a stage-1 GlobalPEFT)
+              "loss_type")  # fmt: skip
 
 
 def data_fingerprint(dataset, config) -> dict:

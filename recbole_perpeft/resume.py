@@ -34,8 +34,6 @@ import numpy as np
 import torch
 
 from recbole_perpeft.checkpoint_match import (
-    GROUP_KEYS,
-    SHAPE_KEYS,
     check_checkpoint_matches,
     data_fingerprint,
     run_keys,
@@ -95,9 +93,8 @@ def check_checkpoints_fit(config, dataset, resume: str | None) -> dict:
         check_checkpoint_matches(load_checkpoint(source), resume, "--resume", fingerprint, config)
     global_checkpoint = config["global_checkpoint"] if "global_checkpoint" in config else None
     if global_checkpoint and not resume:
-        keys = tuple(k for k in SHAPE_KEYS if k not in GROUP_KEYS)
         check_checkpoint_matches(load_checkpoint(global_checkpoint), global_checkpoint, "global_checkpoint",
-                                 fingerprint, config, keys)  # fmt: skip
+                                 fingerprint, config, keys=())  # fmt: skip
     return fingerprint
 
 
