@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import pandas
@@ -55,7 +56,14 @@ def log_files() -> list[str]:
 
 
 def library_progress_bars(show: bool) -> None:
-    """transformers' bars (weights loading, downloads) on or off with ``show_progress``."""
-    from transformers.utils import logging as transformers_logging
+    """``show_progress: False`` turns off the bars of transformers (weights loading) and huggingface_hub
+    (downloads); True leaves them as they are (on, unless the user's environment turned them off).
+    transformers reads huggingface_hub's switch when imported: set that, importing transformers (seconds)
+    only where something has already."""
+    if show:
+        return
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
+    from huggingface_hub.utils import disable_progress_bars
 
-    (transformers_logging.enable_progress_bar if show else transformers_logging.disable_progress_bar)()
+    disable_progress_bars()
