@@ -80,9 +80,6 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
 
     init_seed(config["seed"] + rank(), config["reproducibility"])  # (rank 0's initial weights are broadcast)
     outcome = train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume, fingerprint)
-    if outcome.get("groups"):
-        groups = outcome["groups"]
-        logger.info(f"groups ({groups['method']}, {groups['n_groups']}): {groups['sizes']} users")
     logger.info(set_color("best valid ", "yellow") + f": {outcome['best_valid_result']}")
     logger.info(set_color("test result", "yellow") + f": {outcome['test_result']}")
     result = {"model": config["model"], "dataset": config["dataset"], "config": config.final_config_dict, **outcome}
