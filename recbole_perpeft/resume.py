@@ -30,6 +30,11 @@ import shutil
 import zipfile
 from time import time
 
+try:
+    import resource
+except ImportError:  # (Windows)
+    resource = None
+
 import numpy as np
 import torch
 
@@ -111,6 +116,14 @@ def _is_disk_full(err: BaseException) -> bool:
     # torch's zip writer reports a short write as "unexpected pos" / "failed writing file" (no errno).
     text = str(err)
     return isinstance(err, RuntimeError) and any(s in text for s in ("unexpected pos", "failed writing", "No space"))
+
+
+def _why_full(err: BaseException) -> str:
+    """"no space left on device", or the file size limit where one is set (it fails the write the same way)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
+    if getattr(err, "errno", None) == errno.EFBIG or limit not in (None, getattr(resource, "RLIM_INFINITY", None)):
+        return f"no space left on device, or the file size limit reached (ulimit -f: {limit} bytes)"
+    return "no space left on device"
 
 
 def resume_source(path: str) -> str:
@@ -226,7 +239,7 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
             folder = os.path.dirname(os.path.abspath(target))
             free = shutil.disk_usage(folder).free / 2**20
             # (the partial file was written aside and is removed: compat.SafeCheckpointMixin, atomic_output)
-            raise DiskFull(errno.ENOSPC, f"no space left on device: saving checkpoint {target} failed ({free:.0f} "
+            raise DiskFull(errno.ENOSPC, f"{_why_full(err)}: saving checkpoint {target} failed ({free:.0f} "
                            "MiB free there; nothing half-written is left): free space or use --checkpoint_dir=<a "
                            "folder on another disk>, then resume from the last checkpoint.") from None
 
