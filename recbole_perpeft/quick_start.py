@@ -14,7 +14,7 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_perpeft.config import Config
 from recbole_perpeft.data import create_dataset, data_preparation
 from recbole_perpeft.data.cache_files import atomic_output
-from recbole_perpeft.distributed import rank, rank0_first, single_process_view
+from recbole_perpeft.distributed import on_rank0, rank, rank0_first, single_process_view
 from recbole_perpeft.launch import launch, launch_settings, report_checkpoint
 from recbole_perpeft.quiet import (
     FILE_ONLY,
@@ -60,8 +60,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     silence_known_warnings()
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     library_progress_bars(config["show_progress"])
-    if rank() == 0:
-        check_writable_outputs(config, result_file, saved)
+    on_rank0(check_writable_outputs, config, result_file, saved)  # (its refusal reaches every rank: none waits)
     init_seed(config["seed"], config["reproducibility"])
     with rank0_first():  # (RecBole's init_logger creates its folder unguarded against a concurrent process)
         init_logger(config)
