@@ -44,6 +44,7 @@ from recbole_perpeft.checkpoint_match import (
     run_keys,
 )
 from recbole_perpeft.distributed import DistributedTrainerMixin, gather_objects, on_rank0, rank, world_size
+from recbole_perpeft.quiet import silence_known_warnings
 
 LAST_SUFFIX = "-last"
 
@@ -201,6 +202,7 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
         self._last_epoch = -1
         self._rank_rng_states = None
         self.data_fingerprint = None  # this run's data (checkpoint_match.py), recorded in every checkpoint
+        silence_known_warnings()  # (RecBole's training loop warns: quiet.py), also where quick_start is not used
         super().__init__(config, model)
 
     @property
