@@ -328,3 +328,17 @@ def test_the_command_line_says_how_to_resume_after_a_dead_process(monkeypatch):
         load_entry_point().main(["--model=GlobalPEFT", "--nproc=2"])
     assert stop.value.code == ("error: rank 1 (pid 7) was killed by SIGKILL; the other processes stopped with it: "
                                "resume with  recbole-perpeft --model=GlobalPEFT --nproc=2 --resume=s/x-last.pth")
+
+
+def test_an_older_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(trained, in_tmp_path):
+    root, common, _ = trained
+    saved = torch.load(checkpoint_of(trained), weights_only=True)
+    for key in ("data_fingerprint", "run_keys"):  # as written before checkpoints recorded them
+        saved.pop(key)
+    old = in_tmp_path / "old.pth"
+    torch.save(saved, old)
+    with pytest.raises(SystemExit) as stop:
+        load_entry_point().main([*common, "--dataset=runa", "--MAX_ITEM_LIST_LENGTH=5", f"--resume={old}"])
+    message = str(stop.value.code)
+    assert re.match(rf"error: --resume={re.escape(str(old))}: its weights do not fit this model \(size mismatch for "
+                    r".*\): it was trained with other settings or data", message) and "\n" not in message, message
