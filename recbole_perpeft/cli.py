@@ -93,6 +93,7 @@ def is_comparison(args) -> bool:
 
 
 def main(argv=None):
+    from recbole_perpeft.launch import WorkerDied
     from recbole_perpeft.resume import TrainingInterrupted
 
     if (sys.argv[1:] if argv is None else argv)[:1] in (["recommend"], ["export"]):  # recommend_cli.py
@@ -114,6 +115,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(interrupted_message(None, args, argv), file=sys.stderr)
         sys.exit(130)
+    except WorkerDied as died:
+        how = interrupted_message(died.checkpoint, args, argv).removeprefix("interrupted: ")
+        sys.exit(f"error: {died}: {how}")
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         sys.exit(f"error: {err}")
 
@@ -123,7 +127,7 @@ def interrupted_message(checkpoint, args, argv) -> str:
     if is_comparison(args):
         return "interrupted: run the same command again; finished runs are reused."
     if checkpoint is None:
-        return "interrupted before an epoch ended: run the same command again (finished caches are reused)."
+        return "interrupted before a checkpoint was written: run the same command again (finished caches are reused)."
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--resume")]
     return f"interrupted: resume with  recbole-perpeft {' '.join(argv)} --resume={checkpoint}"
 

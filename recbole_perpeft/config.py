@@ -15,10 +15,12 @@ import re
 from pathlib import Path
 
 import recbole
+import torch
 import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_perpeft.compat import check_environment, init_distributed_device
+from recbole_perpeft.config_checks import check_numbers, check_valid_metric, requested_device
 from recbole_perpeft.config_values import choice
 from recbole_perpeft.data.checks import embedded_dataset_path
 from recbole_perpeft.model.precision import PRECISIONS
@@ -150,14 +152,28 @@ class Config(RecBoleConfig):
     def _init_device(self):
         # One process of a multi-process run (recbole_perpeft/launch.py sets local_rank): RecBole's own
         # asks for NCCL and CUDA whatever the machine has; ours uses gloo on a CPU.
+        asked = requested_device(self.external_config_dict)
         if "local_rank" in self.final_config_dict:
             init_distributed_device(self.final_config_dict)
         else:
             super()._init_device()
+        cfg = self.final_config_dict
+        if asked == "cpu":  # RecBole's _init_device reads only gpu_id (it would pick CUDA where there is one)
+            cfg["device"] = torch.device("cpu")
+        elif asked is not None and cfg["device"].type != "cuda":
+            # RecBole falls back to the CPU without a word: right for its default gpu_id, not for a GPU asked for.
+            raise ValueError(
+                f"{asked} asks for a GPU, but torch sees no CUDA device (torch {torch.__version__}, "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): run on the CPU with "
+                "--use_gpu=False (or without --gpu_id / --device), or on a machine with that GPU."
+            )
 
     def _set_default_parameters(self):
         # The atomic files are not looked for here: a known dataset is prepared (downloaded) on first use by
         # recbole_perpeft.data.create_dataset, so building a Config (e.g. only to read its seed) never downloads.
+        # Checked first: RecBole's own defaults read topk and valid_metric (a TypeError on a bad one).
+        check_known_keys(self.external_config_dict)
+        check_numbers(self.final_config_dict, self.internal_config_dict, self.external_config_dict)
         data_root = self.final_config_dict["data_path"]
         super()._set_default_parameters()  # data_path becomes <data_path>/<dataset>
         if self.dataset == "ml-100k":  # RecBole: always its bundled copy; ours: data_path first (data/checks.py)
@@ -168,17 +184,11 @@ class Config(RecBoleConfig):
             self.final_config_dict["image_dir"] = os.path.join(data_root, self.dataset, "images")
 
     def _check_values(self):
-        check_known_keys(self.external_config_dict)
         cfg = self.final_config_dict
-        length = cfg.get("MAX_ITEM_LIST_LENGTH")
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"MAX_ITEM_LIST_LENGTH must be a positive integer (items per sequence), got {length!r}.")
+        check_valid_metric(cfg)
         for key in ("peft_config", "peft_defaults", "peft_targets"):
             if cfg.get(key) is not None and not isinstance(cfg[key], dict):
                 raise ValueError(f"{key} must be a mapping such as {{r: 8, lora_dropout: 0.1}}, got {cfg[key]!r}.")
-        ratio = cfg.get("user_sample_ratio")
-        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-            raise ValueError(f"user_sample_ratio must be a number in (0, 1], got {ratio!r}.")
         precision = cfg.get("precision")  # the device-dependent part (fp16 on a CPU) is the item tower's
         if precision is not None:
             choice(str(precision).lower(), PRECISIONS, "precision", given=precision)

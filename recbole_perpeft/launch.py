@@ -26,12 +26,30 @@ import torch
 import yaml
 
 from recbole_perpeft.distributed import request_stop
-from recbole_perpeft.resume import TrainingInterrupted
+from recbole_perpeft.resume import TrainingInterrupted, last_checkpoint_path
 
 LAUNCH_KEYS = ("nproc", "world_size", "ip", "port", "offset")
 DEFAULT_PORT = 5678  # RecBole's, for runs across machines (one machine: a free port)
 GRACE_SECONDS = 30  # after one process failed, how long the others get to end on their own
 EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, OSError, TrainingInterrupted, KeyboardInterrupt)
+_reports = None  # in a spawned process: the queue to the launcher (report_checkpoint)
+
+
+class WorkerDied(RuntimeError):
+    """A process of the run ended without a word (killed by a signal, the OOM killer, os._exit): the
+    others' errors are only its consequence (a peer gone from a collective). ``checkpoint``: the file
+    to resume from, None if none was written yet."""
+
+    def __init__(self, message: str, checkpoint: str | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def report_checkpoint(path: str) -> None:
+    """Tell the launcher (if any) which checkpoint this run writes, so that it can name the file to resume
+    from if a process dies. (Rank 0's name is every rank's: trainer.checkpoint_path.)"""
+    if _reports is not None:
+        _reports.put(("checkpoint", -1, path, None))
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,8 @@ def _picklable(err: BaseException) -> BaseException:
 
 
 def _worker(fn, kwargs: dict, settings: Launch, local_rank: int, parent: int, queue) -> None:
+    global _reports
+    _reports = queue if local_rank == 0 else None
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, request_stop)
     if "OMP_NUM_THREADS" not in os.environ:  # the machine's cores shared by its processes
@@ -126,20 +146,21 @@ def _worker(fn, kwargs: dict, settings: Launch, local_rank: int, parent: int, qu
     try:
         result = fn(**kwargs)
     except BaseException as err:
-        if not isinstance(err, EXPECTED_ERRORS):
-            traceback.print_exc()
-        queue.put(("raised", rank, _picklable(err)))
+        # The launcher prints an unexpected error's traceback, unless a dead peer caused it.
+        trace = None if isinstance(err, EXPECTED_ERRORS) else traceback.format_exc()
+        queue.put(("raised", rank, _picklable(err), trace))
         sys.exit(1)
     if rank == 0:
-        queue.put(("result", rank, result))
+        queue.put(("result", rank, result, None))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _supervise(processes: list, queue) -> tuple[list, int]:
+def _supervise(processes: list, queue) -> tuple[list, int, set]:
     """Wait for the processes, reading the queue meanwhile (a process blocks on a full pipe); returns the
-    messages and how many Ctrl-C's came. A Ctrl-C is passed on to them (a second one terminates them)."""
-    messages, interrupts, failed_at = [], 0, None
+    messages, how many Ctrl-C's came and the names of the processes terminated here. A Ctrl-C is passed
+    on to them (a second one terminates them)."""
+    messages, interrupts, failed_at, terminated = [], 0, None, set()
     while True:
         try:
             while not queue.empty():
@@ -151,18 +172,42 @@ def _supervise(processes: list, queue) -> tuple[list, int]:
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
                 for p in alive:  # still waiting for the failed one in a collective: they would wait for ever
+                    terminated.add(p.name)
                     p.terminate()
             multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.2)
         except KeyboardInterrupt:
             interrupts += 1
             for p in processes:
                 if p.exitcode is None:
+                    if interrupts > 1:
+                        terminated.add(p.name)
                     os.kill(p.pid, signal.SIGINT) if interrupts == 1 else p.terminate()
     for p in processes:
         p.join()
     while not queue.empty():
         messages.append(queue.get())
-    return messages, interrupts
+    return messages, interrupts, terminated
+
+
+def _dead_worker(processes: list, messages: list, terminated: set, settings: Launch) -> str | None:
+    """'rank 1 (pid 123) was killed by SIGKILL' for the first process that ended without a message and
+    was not terminated here, else None."""
+    spoke = {rank for kind, rank, *_ in messages if kind in ("raised", "result")}
+    for local_rank, p in enumerate(processes):
+        rank = settings.offset + local_rank
+        if not p.exitcode or rank in spoke or p.name in terminated:
+            continue
+        how = f"was killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exited with {p.exitcode}"
+        return f"rank {rank} (pid {p.pid}) {how}"
+    return None
+
+
+def _resume_file(messages: list) -> str | None:
+    """The checkpoint rank 0 reported, if it (or its -last companion) exists yet."""
+    reported = [path for kind, _, path, _ in messages if kind == "checkpoint"]
+    if not reported:
+        return None
+    return next((f for f in (last_checkpoint_path(reported[-1]), reported[-1]) if os.path.isfile(f)), None)
 
 
 def launch(fn, settings: Launch, kwargs: dict):
@@ -178,13 +223,19 @@ def launch(fn, settings: Launch, kwargs: dict):
     ]  # fmt: skip
     for p in processes:
         p.start()
-    messages, interrupts = _supervise(processes, queue)
-    raised = [(rank, err) for kind, rank, err in messages if kind == "raised"]
+    messages, interrupts, terminated = _supervise(processes, queue)
+    dead = _dead_worker(processes, messages, terminated, settings)
+    if dead is not None and not interrupts:
+        checkpoint = _resume_file(messages)
+        raise WorkerDied(f"{dead}; the other processes stopped with it", checkpoint)
+    raised = [(rank, err) for kind, rank, err, _ in messages if kind == "raised"]
+    for trace in (t for kind, _, _, t in messages if kind == "raised" and t):
+        print(trace, file=sys.stderr, end="")
     if raised:
         first = raised[0][1]  # the cause; the others mostly fail because of it (a peer gone from a collective)
         same_on_rank0 = [err for rank, err in raised if rank == 0 and type(err) is type(first)]
         raise same_on_rank0[0] if same_on_rank0 else first
-    results = [result for kind, _, result in messages if kind == "result"]
+    results = [result for kind, _, result, _ in messages if kind == "result"]
     if results:  # (a Ctrl-C after the last training step: the run ended anyway)
         return results[0]
     if interrupts:

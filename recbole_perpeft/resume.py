@@ -22,16 +22,29 @@ checkpoint resumes on any number of processes (bit for bit on the same number).
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from time import time
+
+try:
+    import resource
+except ImportError:  # (Windows)
+    resource = None
 
 import numpy as np
 import torch
 
+from recbole_perpeft.checkpoint_match import (
+    check_checkpoint_matches,
+    data_fingerprint,
+    run_keys,
+)
 from recbole_perpeft.distributed import DistributedTrainerMixin, gather_objects, on_rank0, rank, world_size
+from recbole_perpeft.quiet import silence_known_warnings
 
 LAST_SUFFIX = "-last"
 
@@ -75,6 +88,43 @@ def _read_checkpoint(path: str, map_location) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"Checkpoint {path} is not a training checkpoint (no state_dict): give a .pth a run wrote.")
     return checkpoint
+
+
+def check_checkpoints_fit(config, dataset, resume: str | None) -> dict:
+    """Refuse, before anything trains, a ``--resume`` or ``global_checkpoint`` written on other data or
+    with another model shape (checkpoint_match.py); returns this run's data fingerprint."""
+    fingerprint = data_fingerprint(dataset, config)
+    if resume:
+        source = resume_source(resume)
+        check_checkpoint_matches(load_checkpoint(source), resume, "--resume", fingerprint, config)
+    global_checkpoint = config["global_checkpoint"] if "global_checkpoint" in config else None
+    if global_checkpoint and not resume:
+        check_checkpoint_matches(load_checkpoint(global_checkpoint), global_checkpoint, "global_checkpoint",
+                                 fingerprint, config, keys=())  # fmt: skip
+    return fingerprint
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written for want of space; its message says which file and what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    # torch's zip writer reports a short write as "unexpected pos" / "failed writing file" (no errno).
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(s in text for s in ("unexpected pos", "failed writing", "No space"))
+
+
+def _why_full(err: BaseException) -> str:
+    """"no space left on device", or the file size limit where one is set (it fails the write the same way)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
+    if getattr(err, "errno", None) == errno.EFBIG or limit not in (None, getattr(resource, "RLIM_INFINITY", None)):
+        return f"no space left on device, or the file size limit reached (ulimit -f: {limit} bytes)"
+    return "no space left on device"
 
 
 def resume_source(path: str) -> str:
@@ -159,6 +209,8 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
         self._saving = False
         self._last_epoch = -1
         self._rank_rng_states = None
+        self.data_fingerprint = None  # this run's data (checkpoint_match.py), recorded in every checkpoint
+        silence_known_warnings()  # (RecBole's training loop warns: quiet.py), also where quick_start is not used
         super().__init__(config, model)
 
     @property
@@ -175,7 +227,10 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
             stopped_early=bool(self.stopped_early),
             epoch_seconds=list(self.epoch_seconds),
             rng_state=rng_state(),
+            run_keys=run_keys(self.config),
         )
+        if self.data_fingerprint is not None:
+            state["data_fingerprint"] = self.data_fingerprint
         if self._rank_rng_states is not None:
             state["rank_rng_states"] = self._rank_rng_states
         if self._train_data is not None:
@@ -187,7 +242,18 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if world_size() > 1:  # a collective call: every rank saves (rank 0 writes)
             self._rank_rng_states = gather_objects(rng_state())
-        super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
+        try:
+            super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
+        except (OSError, RuntimeError) as err:
+            if not _is_disk_full(err):
+                raise
+            target = kwargs.get("saved_model_file", self.saved_model_file)
+            folder = os.path.dirname(os.path.abspath(target))
+            free = shutil.disk_usage(folder).free / 2**20
+            # (the partial file was written aside and is removed: compat.SafeCheckpointMixin, atomic_output)
+            raise DiskFull(errno.ENOSPC, f"{_why_full(err)}: saving checkpoint {target} failed ({free:.0f} "
+                           "MiB free there; nothing half-written is left): free space or use --checkpoint_dir=<a "
+                           "folder on another disk>, then resume from the last checkpoint.") from None
 
     def _save_last(self, epoch: int) -> None:
         self._save_checkpoint(epoch, verbose=False, saved_model_file=self.last_model_file)
@@ -208,6 +274,8 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._train_data, self._saving = train_data, saved
+        if self.data_fingerprint is None and hasattr(train_data, "_dataset"):
+            self.data_fingerprint = data_fingerprint(train_data._dataset, self.config)
         if self._pending_loader_state is not None:
             set_loader_state(train_data, self._pending_loader_state)
             self._pending_loader_state = None
@@ -240,7 +308,12 @@ class ResumableTrainerMixin(DistributedTrainerMixin):
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
-        self.model.load_state_dict(checkpoint["state_dict"])
+        try:
+            self.model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as err:
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise ValueError(f"--resume={resume_file}: its weights do not fit this model ({first[:200]}): it was "
+                             "trained with other settings or data; resume with those, or start anew.") from None
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if "rng_state" not in checkpoint:

@@ -560,6 +560,6 @@ def test_one_optimizer_group_without_adapter_learning_rate_or_adapter(make_confi
 @pytest.mark.parametrize("model_name", ["GlobalPEFT", "FrozenMM", "WithoutMM"])  # refused even where nothing uses it
 @pytest.mark.parametrize("bad", [0, -1e-3, "fast", True])
 def test_bad_adapter_learning_rate_is_refused_by_name(make_config, model_name, bad):
-    config, model, *_ = build_model(model_name, DATASET, make_config(adapter_learning_rate=bad))
-    with pytest.raises(ValueError, match="adapter_learning_rate"):
+    with pytest.raises(ValueError, match="adapter_learning_rate"):  # (by the Config, since numbers are checked there)
+        config, model, *_ = build_model(model_name, DATASET, make_config(adapter_learning_rate=bad))
         get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
