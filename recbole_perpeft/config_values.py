@@ -120,6 +120,8 @@ NUMERIC_KEYS = {
     "image_size": POSITIVE_INT,
     "sampled_softmax_negatives": POSITIVE_INT,
     "cmsa_weight": Number(float, 0),
+    "item_id_norm_penalty": Number(float, 0),
+    "multimodal_weight": Number(float, 0),
     "cmsa_dim": POSITIVE_INT,
     "cmsa_temperature": Number(float, 0, open_low=True),
     "worker": INT,
