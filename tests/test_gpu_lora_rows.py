@@ -1,6 +1,6 @@
 """``bench/gpu_lora_rows.sh`` starts one reproduce process per (job, seed), each with its own run folder and
 checkpoints and the extra keys passed through. A stand-in PYTHON records each command line instead of training
-(a real run is a GPU's work: README, speed on one GPU)."""
+(a real run is a GPU's work: docs/performance.md, "Speed on one GPU")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A new adapter family needs no change to the package (README, "Extending"): a toy family registered
+"""A new adapter family needs no change to the package (docs/extending.md): a toy family registered
 here, by name, with its defaults, runs in GlobalPEFT on the tiny CLIP, trains, and gets PerPEFT's
 per-group copies; plus the registry's errors and the family-defaults precedence."""
 

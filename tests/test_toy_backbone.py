@@ -1,4 +1,4 @@
-"""A new backbone needs no change to the package (README, "Extending"): a toy backbone registered here
+"""A new backbone needs no change to the package (docs/extending.md): a toy backbone registered here
 by name, with a key of its own, runs GlobalPEFT (train step, evaluation, grouping vectors) and PerPEFT's
 stage 2 (group batches, per-group tables) on the tiny CLIP."""
 
