@@ -29,7 +29,7 @@ def small_summary(status="current", reason=None):
             "columns": ["hit@20", "ndcg@20", "s / epoch"],
             "scale": "x100",
             "rows": [
-                {"label": "GlobalPEFT", "values": {"hit@20": {"mean": 9.3, "std": 0.41}, "ndcg@20": 3.1,
+                {"label": "GlobalPEFT", "values": {"hit@20": {"mean": 9.3, "std": 0.41, "mark": "†"}, "ndcg@20": 3.1,
                                                     "s / epoch": 0.8}},
                 {"label": "PerPEFT", "values": {"hit@20": {"mean": 9.1, "std": None}, "ndcg@20": "—",
                                                  "s / epoch": 116},
@@ -57,7 +57,7 @@ def test_table_prints_as_the_paper_does():
     lines = results_report.render_table(small_summary()["tables"][0], PAPER["values"]["2"]["amazon-sports"]["LORA"])
     text = "\n".join(lines)
     # x100 metric columns with 2 decimals, the best in bold; other columns as stored; strings verbatim
-    assert "| GlobalPEFT | **9.30** (0.41) |  | **3.10** | 0.8 |" in text
+    assert "| GlobalPEFT | **9.30** (0.41)† |  | **3.10** | 0.8 |" in text  # a significance mark as printed
     assert "| PerPEFT | 9.10 | 4.82 (.04) | — | 116 |" in text
     assert "| hit@20 | hit@20 (paper) | ndcg@20 | s / epoch |" in text  # the paper's number beside ours
     assert "| GlobalPEFT | 0.038 |" in text  # p-values as stored

@@ -10,6 +10,8 @@
   stand in a ``<metric> (paper)`` column beside ours, rows matched by label.
 - ``<out>/README.md``: one line per experiment (title, status, link); ``<out>/history.md``: the superseded and
   withdrawn ones, one line each with the reason.
+- A ``{"mean", "std"}`` cell may carry an optional ``"mark"`` (e.g. ``"†"``, a significance mark as printed),
+  appended to the cell; the table's ``note`` says what it means.
 - Numbers: in a table with ``"scale": "x100"`` the metric columns (a ``@`` in the name) print with 2 decimals,
   as the paper prints them; every other number prints as stored (Python's shortest form), strings verbatim.
 - The output is deterministic (slugs sorted, no dates), so ``--check`` can compare it byte for byte with the
@@ -79,7 +81,8 @@ def format_cell(value, fixed: bool, bold: bool = False) -> str:
         std = value.get("std")
         text = _number(value.get("mean"), fixed)
         text = f"**{text}**" if bold else text
-        return text if std is None else f"{text} ({_number(std, fixed)})"
+        text = text if std is None else f"{text} ({_number(std, fixed)})"
+        return text + value.get("mark", "")
     text = _number(value, fixed)
     return f"**{text}**" if bold and text else text
 
