@@ -55,6 +55,8 @@ def load_summary(path) -> dict:
     for i, table in enumerate(summary["tables"]):
         if not isinstance(table, dict) or not {"columns", "rows"} <= set(table):
             raise ValueError(f"{path}: tables[{i}] needs 'columns' and 'rows'.")
+        if any(not isinstance(row, dict) or "label" not in row for row in table["rows"]):
+            raise ValueError(f"{path}: every row of tables[{i}] needs a 'label' (and 'values').")
     return summary
 
 
@@ -212,7 +214,9 @@ def render_page(summary: dict, notes: str, paper: dict) -> str:
 def render_index(summaries: list[dict]) -> str:
     lines = ["# Results", "",
              "Every page here is generated from `results/<experiment>/summary.json` and `notes.md` by "
-             "`recbole-perpeft report results/` (do not edit by hand); CI re-renders and fails on a difference. "
+             "`recbole-perpeft report results/` (do not edit by hand; the format: "
+             "[results-format](../results-format.md)); "
+             "CI re-renders and fails on a difference. "
              "Superseded and withdrawn experiments: [history](history.md).", "",
              "| experiment | status | source |", "|---|---|---|"]  # fmt: skip
     for s in summaries:
