@@ -151,3 +151,20 @@ def test_committed_pages_match_the_summaries(tmp_path):
     differ = results_report.differing_pages(pages, ROOT / "docs" / "results")
     assert differ == [], (f"docs/results differs from results/ in {differ}: run "
                           "`python -m recbole_perpeft.experiments.results_report results/` and commit.")
+
+
+def test_summary_from_a_reproduce_table_shows_the_papers_numbers(tmp_path):
+    results = {"GlobalPEFT": {1: {"hit@20": 0.04}, 2: {"hit@20": 0.05}},
+               "PerPEFT": {1: {"hit@20": 0.05}, 2: {"hit@20": 0.06}}}
+    block = summarise("amazon-sports", ["GlobalPEFT", "PerPEFT"], [1, 2], results)
+    payload = {"table": "2", "dataset": "amazon-sports", "peft": ["LORA"], "seeds": [1, 2],
+               "rows": {"GlobalPEFT-LORA": {"runs": {}}}, "blocks": [{"title": "LORA", "summary": block}]}
+    summary = summary_from_comparison(payload, "sports", "Table 2 on Sports", [])
+    assert summary["protocol"]["paper_table"] == "2" and summary["protocol"]["paper_peft"] == "LORA"
+    assert [t["caption"] for t in summary["tables"]] == ["LORA"]
+    folder = tmp_path / "results" / "sports"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    page = results_report.render_all(tmp_path / "results", paper=PAPER)["sports.md"]
+    assert "| PerPEFT | **5.50** (0.71) | 4.82 (.04) |" in page  # the paper's number beside ours, matched by label
+    assert "| GlobalPEFT | 4.50 (0.71) |  |" in page
