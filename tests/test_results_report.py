@@ -78,7 +78,7 @@ def test_page_index_and_history(tmp_path):
     assert "```bash\npython -m recbole_perpeft.compare --models=A,B\n```" in page
     assert '"(paper)" columns: Table 2 of https://arxiv.org/html/2602.09445, Sports & Outdoors' in page
     assert page.rstrip().endswith("## Question\n\nDoes it?")
-    assert "| [Old one](old.md) | withdrawn | transcribed |" in pages["README.md"]
+    assert "| [Old one](old.md) | amazon-sports | 2 | withdrawn | transcribed |" in pages["README.md"]
     assert "- [Old one](old.md): withdrawn: trained 3 + 3 epochs against 3" in pages["history.md"]
     assert "tiny" not in pages["history.md"]
     assert results_report.render_all(tmp_path / "results", paper=PAPER) == pages  # deterministic

@@ -218,9 +218,13 @@ def render_index(summaries: list[dict]) -> str:
              "[results-format](../results-format.md)); "
              "CI re-renders and fails on a difference. "
              "Superseded and withdrawn experiments: [history](history.md).", "",
-             "| experiment | status | source |", "|---|---|---|"]  # fmt: skip
+             "| experiment | dataset | seeds | status | source |", "|---|---|---:|---|---|"]  # fmt: skip
     for s in summaries:
-        lines.append(f"| [{s['title']}]({s['experiment']}.md) | {s['status']} | {s['source']} |")
+        protocol = s.get("protocol") or {}
+        seeds = protocol.get("seeds")
+        count = len(seeds) if isinstance(seeds, list) else (seeds or "")
+        lines.append(f"| [{s['title']}]({s['experiment']}.md) | {protocol.get('dataset') or ''} | {count} | "
+                     f"{s['status']} | {s['source']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
