@@ -154,10 +154,10 @@ def compare_command(argv) -> None:
 def run_command(argv, prog: str = "recbole-perpeft run", compare: bool = False, argv_shown=None):
     """``recbole-perpeft run`` (and no command): one run, or a comparison when ``--model``/``--seeds``
     ask for one. ``argv_shown``: the arguments the resume hint repeats."""
+    args, files, overrides = parse_args(argv, prog)  # first: --help needs neither torch nor RecBole
     from recbole_perpeft.launch import WorkerDied
     from recbole_perpeft.resume import TrainingInterrupted
 
-    args, files, overrides = parse_args(argv, prog)
     args.compare = compare
     shown = ["run", *argv] if argv_shown is None else argv_shown
     try:
