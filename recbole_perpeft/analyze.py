@@ -2,7 +2,7 @@
 
 Analyse a trained PerPEFT run (its stage-2 checkpoint, or the result JSON that names it):
 
-    python -m recbole_perpeft.analyze --checkpoint=saved/PerPEFT-ml-100k-seed2024-....pth[,<other seeds>...]
+    recbole-perpeft analyze --checkpoint=saved/PerPEFT-ml-100k-seed2024-....pth[,<other seeds>...]
         [--result=r.json[,...]] --out=DIR [--items=TOK,...] [--users=TOK,...] [--parts=profiles,attention,jsd,
         gradcam,case] [--top_k=10] [--n_items=4] [--gradcam_target=users|self] [--max_jsd_items=N]
         [--config_files=...] [--key=value ...]
@@ -15,10 +15,10 @@ recbole_perpeft/analysis/report.py for the files written.
 
 Sweep the number of groups, and plot training curves or the cost of runs:
 
-    python -m recbole_perpeft.analyze sweep --dataset=ml-100k --n_groups=2,4,8,16 [--model=PerPEFT] [--out=DIR]
+    recbole-perpeft analyze sweep --dataset=ml-100k --n_groups=2,4,8,16 [--model=PerPEFT] [--out=DIR]
         [--config_files=...] [--key=value ...]
-    python -m recbole_perpeft.analyze curves --log=FILE [--result=r.json] [--metric=hit@30] --out=DIR
-    python -m recbole_perpeft.analyze cost --results=globalpeft.json,perpeft.json --out=DIR"""
+    recbole-perpeft analyze curves --log=FILE [--result=r.json] [--metric=hit@30] --out=DIR
+    recbole-perpeft analyze cost --results=globalpeft.json,perpeft.json --out=DIR"""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from recbole_perpeft.cli import parse_overrides
+from recbole_perpeft.cli_common import parse_overrides
 
 COMMANDS = ("sweep", "curves", "cost")
 
@@ -38,7 +38,7 @@ def _split(value) -> list[str]:
 
 def _parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m recbole_perpeft.analyze" + (f" {command}" if command else ""),
+        prog="recbole-perpeft analyze" + (f" {command}" if command else ""),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -172,4 +172,7 @@ def cost_command(args) -> str:
 
 
 if __name__ == "__main__":
+    from recbole_perpeft.cli_common import deprecated_alias
+
+    deprecated_alias("python -m recbole_perpeft.analyze", "recbole-perpeft analyze")
     main()

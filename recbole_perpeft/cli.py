@@ -1,9 +1,43 @@
-"""Train and evaluate a model, RecBole style; or compare models over seeds.
+"""The command line: ``recbole-perpeft <command> [--key=value ...]`` (docs/cli.md).
 
-    python run_recbole_perpeft.py --model=GlobalPEFT --dataset=ml-100k [--config_files=a.yaml,b.yaml]
+:data:`COMMANDS` is the one dispatch table: a command's module is imported only when it runs, so
+``recbole-perpeft --help`` and a reserved command stay fast. Without a command (``run_recbole_perpeft.py
+--model=... --dataset=...``, or ``recbole-perpeft --model=...``) the arguments go to ``run``, as they always did.
+Every command parses ``--key=value`` config overrides with ``cli_common.parse_overrides``, RecBole style."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from recbole_perpeft.cli_common import flow_value, parse_overrides  # noqa: F401 (their old home)
+
+# name -> ("module:function", one-line help); the function takes the arguments after the command.
+COMMANDS = {
+    "run": ("recbole_perpeft.cli:run_command",
+            "train and evaluate a model (the default command); --model=A,B or --seeds compares"),
+    "compare": ("recbole_perpeft.cli:compare_command", "train models over seeds: mean (std), paired t-tests"),
+    "reproduce": ("recbole_perpeft.reproduce.cli:main", "run one of the paper's tables over seeds"),
+    "tune": ("recbole_perpeft.cli:tune_command", "hyper-parameter search (reserved: arrives with issue 43)"),
+    "analyze": ("recbole_perpeft.analyze:main",
+                "what each group's adapter looks at; 'analyze sweep|curves|cost' for the rest"),
+    "prepare": ("recbole_perpeft.data.prepare:main",
+                "download and preprocess a dataset (or import a layout) into RecBole atomic files"),
+    "recommend": ("recbole_perpeft.recommend_cli:recommend_command",
+                  "top-k items for users or item histories, from a trained run"),
+    "export": ("recbole_perpeft.recommend_cli:export_command",
+               "a trained run as a folder that serves recommendations with torch only"),
+    "report": ("recbole_perpeft.experiments.results_report:main", "tables and charts from finished runs' results"),
+}  # fmt: skip
+
+RUN_HELP = """Train and evaluate a model, RecBole style; or compare models over seeds.
+
+    recbole-perpeft run --model=GlobalPEFT --dataset=ml-100k [--config_files=a.yaml,b.yaml]
         [--result_file=r.json] [--resume=saved/X.pth] [--key=value ...]
 
-Recommendations from a trained run: ``recommend`` and ``export`` subcommands (docs/recommend.md).
+``run`` is the default command: ``recbole-perpeft --model=...`` and ``python run_recbole_perpeft.py --model=...``
+are the same.
 
 ``--model`` is one of ours (GlobalPEFT, FrozenMM, PerPEFT) or any model RecBole ships (SASRec, BERT4Rec, ...).
 Every other ``--key=value`` overrides a YAML key (e.g. ``--epochs=1 --user_sample_ratio=0.2``).
@@ -21,7 +55,7 @@ result JSON goes to ``table.runs/<model>-seed<s>.json`` (and is reused when the 
 takes rows from finished runs elsewhere (a folder of ``NAME-seed<s>.json``, or ``folder/label``) instead of
 training them; NAME may be any label listed in ``--model``. ``--extend`` continues finished runs that trained fewer
 epochs than asked now (``epochs``; ``stage2_epochs`` of a two-stage model) by ``--resume``, keeping the shorter
-runs' files (recbole_perpeft/extend_runs.py).
+runs' files (recbole_perpeft/extend_runs.py). ``recbole-perpeft compare`` makes a comparison of any --model.
 
 Several processes (RecBole's keys; gloo on a CPU, NCCL on GPUs; see recbole_perpeft/distributed.py). The
 global batch stays ``train_batch_size``, each process trains on its share of every batch:
@@ -34,18 +68,11 @@ machine with ``--offset=0``, and each machine's ``--offset`` (the rank of its fi
     machine A: ... --nproc=4 --world_size=8 --ip=10.0.0.1 --port=29500 --offset=0
     machine B: ... --nproc=4 --world_size=8 --ip=10.0.0.1 --port=29500 --offset=4"""
 
-from __future__ import annotations
 
-import argparse
-import sys
-
-import yaml
-
-
-def parse_args(argv):
+def parse_args(argv, prog: str = "recbole-perpeft run"):
     # allow_abbrev=False: `--seed=7` is a config override, not an abbreviation of --seeds.
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        prog=prog, description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--model", "-m", default="GlobalPEFT", help="a model, or comma-separated models to compare")
     parser.add_argument("--dataset", "-d", default="ml-100k")
@@ -64,43 +91,75 @@ def parse_args(argv):
     return args, files, overrides
 
 
-def parse_overrides(parser, rest: list[str]) -> dict:
-    """The ``--key=value`` config overrides left over by ``parser`` (every command line of the package)."""
-    overrides = {}
-    for arg in rest:
-        key, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not key or not sep:
-            parser.error(f"unrecognised argument '{arg}': config overrides are written --key=value")
-        overrides[key] = flow_value(value)
-    return overrides
-
-
-def flow_value(value: str):
-    """``{lora_dropout: 0.5}`` or ``[5, 10]`` (YAML flow syntax, as in a YAML file) -> dict / list;
-    anything else stays a string for RecBole's own conversion (numbers, booleans, Python literals)."""
-    if value[:1] in "{[":
-        try:
-            loaded = yaml.safe_load(value)
-        except yaml.YAMLError:
-            return value
-        if isinstance(loaded, (dict, list)):
-            return loaded
-    return value
-
-
 def is_comparison(args) -> bool:
+    if getattr(args, "compare", False):  # `recbole-perpeft compare`
+        return True
     return "," in args.model or args.extend or any(v is not None for v in (args.seeds, args.ttest, args.runs_from))
 
 
 def main(argv=None):
+    """``recbole-perpeft``: the command named first (see :data:`COMMANDS`), else ``run`` with every argument."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(top_help())
+        return None
+    if argv and not argv[0].startswith("-"):
+        if argv[0] not in COMMANDS:
+            print(f"error: unknown command '{argv[0]}'; the commands are {', '.join(COMMANDS)} "
+                  "(recbole-perpeft --help), or none for run.", file=sys.stderr)  # fmt: skip
+            sys.exit(2)
+        status = command_function(argv[0])(argv[1:])
+        # An exit status, or None: what some commands return for their callers (a path) is no status.
+        return status if isinstance(status, int) else None
+    return run_command(argv, argv_shown=argv)
+
+
+def top_help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join([
+        "usage: recbole-perpeft [<command>] [--key=value ...]", "",
+        "Personalised PEFT of multimodal foundation models for sequential recommendation, on RecBole.", "",
+        "commands:", *lines, "",
+        "Without a command the arguments go to run (recbole-perpeft --model=PerPEFT --dataset=ml-100k, as",
+        "python run_recbole_perpeft.py does). 'recbole-perpeft <command> --help' shows a command's options;",
+        "docs/cli.md has an example of each.",
+    ])  # fmt: skip
+
+
+def command_function(name: str):
+    """The function behind ``name``, imported now; a module that cannot be imported ends the command in one line."""
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        print(f"error: recbole-perpeft {name} is not available here: cannot import {module_name} ({err}).",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    return getattr(module, function)
+
+
+def tune_command(argv) -> None:
+    """Reserved: the name is taken so that scripts written today keep meaning the same thing later."""
+    print("recbole-perpeft tune: hyper-parameter search arrives with issue 43; it is not available yet.",
+          file=sys.stderr)  # fmt: skip
+    sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+
+
+def compare_command(argv) -> None:
+    """``recbole-perpeft compare``: the run command's flags, always a comparison (one model or several)."""
+    run_command(argv, prog="recbole-perpeft compare", compare=True, argv_shown=["compare", *argv])
+
+
+def run_command(argv, prog: str = "recbole-perpeft run", compare: bool = False, argv_shown=None):
+    """``recbole-perpeft run`` (and no command): one run, or a comparison when ``--model``/``--seeds``
+    ask for one. ``argv_shown``: the arguments the resume hint repeats."""
+    args, files, overrides = parse_args(argv, prog)  # first: --help needs neither torch nor RecBole
     from recbole_perpeft.launch import WorkerDied
     from recbole_perpeft.resume import TrainingInterrupted
 
-    if (sys.argv[1:] if argv is None else argv)[:1] in (["recommend"], ["export"]):  # recommend_cli.py
-        from recbole_perpeft.recommend_cli import main as subcommand
-
-        return subcommand(sys.argv[1:] if argv is None else argv)
-    args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args.compare = compare
+    shown = ["run", *argv] if argv_shown is None else argv_shown
     try:
         if is_comparison(args):
             run_comparison(args, files, overrides)
@@ -110,13 +169,13 @@ def main(argv=None):
             run(args.model, args.dataset, config_file_list=files, config_dict=overrides,
                 result_file=args.result_file, resume=args.resume)  # fmt: skip
     except TrainingInterrupted as stop:
-        print(interrupted_message(stop.checkpoint, args, argv), file=sys.stderr)
+        print(interrupted_message(stop.checkpoint, args, shown), file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
-        print(interrupted_message(None, args, argv), file=sys.stderr)
+        print(interrupted_message(None, args, shown), file=sys.stderr)
         sys.exit(130)
     except WorkerDied as died:
-        how = interrupted_message(died.checkpoint, args, argv).removeprefix("interrupted: ")
+        how = interrupted_message(died.checkpoint, args, shown).removeprefix("interrupted: ")
         sys.exit(f"error: {died}: {how}")
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         sys.exit(f"error: {err}")
@@ -128,7 +187,7 @@ def interrupted_message(checkpoint, args, argv) -> str:
         return "interrupted: run the same command again; finished runs are reused."
     if checkpoint is None:
         return "interrupted before a checkpoint was written: run the same command again (finished caches are reused)."
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--resume")]
+    argv = [a for a in argv if not a.startswith("--resume")]
     return f"interrupted: resume with  recbole-perpeft {' '.join(argv)} --resume={checkpoint}"
 
 

@@ -1,4 +1,4 @@
-"""``--extend`` (the comparison and ``python -m recbole_perpeft.reproduce``): a finished run whose settings differ
+"""``--extend`` (the comparison and ``recbole-perpeft reproduce``): a finished run whose settings differ
 from the ones asked now only in a longer schedule is continued by ``--resume`` from its end-of-training ``-last``
 checkpoint, not reused as it is nor trained again from scratch.
 

@@ -112,8 +112,16 @@ def recommend_main(args) -> None:
     print(f"{len(good)} rows -> {args.out}; {len(errors)} refused -> {errors_file}", file=sys.stderr)
 
 
+def recommend_command(argv: list[str]) -> None:
+    main(["recommend", *argv])
+
+
+def export_command(argv: list[str]) -> None:
+    main(["export", *argv])
+
+
 def main(argv: list[str]) -> None:
-    from recbole_perpeft.cli import parse_overrides
+    from recbole_perpeft.cli_common import parse_overrides
 
     command, rest = argv[0], argv[1:]
     parser = parser_for(command)

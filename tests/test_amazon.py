@@ -109,7 +109,7 @@ def check_offline_message(message: str, tmp_path: Path) -> None:
     raw_dir = tmp_path / "data" / DATASET / "raw"
     assert f"{CATEGORY}.jsonl.gz" in message and f"meta_{CATEGORY}.jsonl.gz" in message
     assert str(raw_dir) in message
-    assert f"python -m recbole_perpeft.data.prepare --dataset={DATASET}" in message
+    assert f"recbole-perpeft prepare --dataset={DATASET}" in message
 
 
 def test_no_download_names_the_files_the_folder_and_the_command(tmp_path):

@@ -192,7 +192,7 @@ def test_known_dataset_without_its_files_says_where_to_put_them(tmp_path):
         ensure_atomic_files(config)
     message = str(err.value)
     assert str(tmp_path / "amazon-scientific" / "raw") in message and "*users.tsv" in message
-    assert "python -m recbole_perpeft.data.prepare --dataset=amazon-scientific --layout=iisan" in message
+    assert "recbole-perpeft prepare --dataset=amazon-scientific --layout=iisan" in message
 
 
 def test_real_amazon_scientific_imports_on_first_use(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from recbole_perpeft import compare as cmp
 from recbole_perpeft.compare import Row
 from recbole_perpeft.reproduce import Entry, reproduce, runner, table_entries
-from recbole_perpeft.reproduce.__main__ import main as reproduce_main
+from recbole_perpeft.reproduce.cli import main as reproduce_main
 from recbole_perpeft.reproduce.paper import load_paper
 from tests.fake_runs import FakeRun, install
 from tests.tiny import make_atomic_dataset, table_keys

@@ -1,6 +1,6 @@
 """Analysis of trained PerPEFT runs: what the groups are and what each group's adapter looks at.
 
-One concern a module; ``python -m recbole_perpeft.analyze`` (``recbole_perpeft/analyze.py``) is the command
+One concern a module; ``recbole-perpeft analyze`` (``recbole_perpeft/analyze.py``) is the command
 line over them:
 
 - ``loading``: rebuild a run from its stage-2 checkpoint (and result JSON) -> :class:`LoadedRun`

@@ -1,6 +1,6 @@
 """The whole analysis of a PerPEFT run into one folder: profiles, token attention, JSD, Grad-CAM, case study.
 
-:func:`analyze` is what ``python -m recbole_perpeft.analyze --checkpoint=...`` runs; every part is also a
+:func:`analyze` is what ``recbole-perpeft analyze --checkpoint=...`` runs; every part is also a
 function of its own module (profiles, attention, divergence, gradcam, case_study). Files written in ``out``:
 
 - ``profiles.json``, ``profiles.md``, ``group_sizes.png``

@@ -1,7 +1,7 @@
 """PerPEFT over several numbers of groups (paper Fig. 7b): train (or reuse) one run per ``n_groups`` and plot
 the metrics against n.
 
-    python -m recbole_perpeft.analyze sweep --dataset=ml-100k --n_groups=2,4,8,16 [--model=PerPEFT]
+    recbole-perpeft analyze sweep --dataset=ml-100k --n_groups=2,4,8,16 [--model=PerPEFT]
         [--out=sweep-ml-100k] [--config_files=...] [--key=value ...]
 
 Each run goes through :func:`recbole_perpeft.quick_start.run` and writes ``OUT/runs/<model>-n<n>-seed<s>.json``

@@ -153,7 +153,7 @@ def unavailable_message(
         f"Put them in {raw_dir}, e.g.\n"
         f"    mkdir -p {raw_dir} && cd {raw_dir} && wget {reviews} {meta}\n"
         "then prepare the dataset by hand (or just rerun; it is prepared on first use):\n"
-        f"    python -m recbole_perpeft.data.prepare --dataset={dataset} --raw_dir={raw_dir} --data_path={data_root}"
+        f"    recbole-perpeft prepare --dataset={dataset} --raw_dir={raw_dir} --data_path={data_root}"
     )
 
 

@@ -10,7 +10,7 @@ import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureSource, FeatureType
 
-from recbole_perpeft.data import checks
+import recbole_perpeft.data.checks as checks
 from recbole_perpeft.data.checks import plural
 
 

@@ -4,9 +4,9 @@ On first use ``recbole_perpeft.data.create_dataset`` calls :func:`ensure_atomic_
 YAML names an ``amazon_category`` is downloaded and preprocessed; one with a ``raw_layout`` is imported
 from ``raw_dir``); building a ``Config`` alone never does. The same runs alone from the command line::
 
-    python -m recbole_perpeft.data.prepare --dataset=amazon-arts [--raw_dir=DIR] [--data_path=dataset/]
+    recbole-perpeft prepare --dataset=amazon-arts [--raw_dir=DIR] [--data_path=dataset/]
         [--download=false] [--images=true|false] [--force]
-    python -m recbole_perpeft.data.prepare --dataset=NAME --layout=perpeft|iisan --source=DIR
+    recbole-perpeft prepare --dataset=NAME --layout=perpeft|iisan --source=DIR
 
 Amazon datasets are ready only when ``NAME.inter`` exists, and it is renamed into place last (from
 ``NAME.inter.staged``, after the images): an interrupted preparation is resumed by the next run,
@@ -145,7 +145,7 @@ def prepare_import(o: PrepareOptions) -> None:
         raise DatasetUnavailableError(
             f"Dataset '{o.dataset}': no {o.layout} layout in {o.raw_dir} (expected {expected}). "
             f"Put those files in {o.raw_dir} or pass --raw_dir=DIR (the folder holding them), or import by hand:\n"
-            f"    python -m recbole_perpeft.data.prepare --dataset={o.dataset} --layout={o.layout} "
+            f"    recbole-perpeft prepare --dataset={o.dataset} --layout={o.layout} "
             f"--source=DIR --data_path={o.folder.parent}"
         )
     import_layout(o.layout, o.raw_dir, o.folder, o.dataset, o.image_dir)
@@ -210,7 +210,7 @@ def _yaml_settings(dataset: str) -> dict:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m recbole_perpeft.data.prepare",
+        prog="recbole-perpeft prepare",
         description="Download and preprocess an Amazon Reviews 2023 dataset, or import another layout, "
         "into RecBole atomic files (<data_path>/<dataset>/).",
     )
@@ -271,4 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from recbole_perpeft.cli_common import deprecated_alias
+
+    deprecated_alias("python -m recbole_perpeft.data.prepare", "recbole-perpeft prepare")
     sys.exit(main())

@@ -1,6 +1,6 @@
 """One command per paper table: run its rows over seeds and write JSON, Markdown and a PNG chart.
 
-    python -m recbole_perpeft.reproduce --table=2|3|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
+    recbole-perpeft reproduce --table=2|3|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
         [--rows=A,B] [--extend] [--result_dir=DIR] [--config_files=a.yaml] [--key=value ...]
 
 - The tables' rows (tables.py): Table 2 per PEFT type (w/o MM, FrozenMM, GlobalPEFT, UserLevel1/2, GroupLevel1/2,
