@@ -28,7 +28,7 @@ COMMANDS = {
                   "top-k items for users or item histories, from a trained run"),
     "export": ("recbole_perpeft.recommend_cli:export_command",
                "a trained run as a folder that serves recommendations with torch only"),
-    "report": ("recbole_perpeft.experiments.results_report:main", "render results/<experiment>/ summaries into docs/results/ pages (--check: CI)"),
+    "report": ("recbole_perpeft.experiments.results_report:main", "results/ summaries rendered as docs/results/ pages"),
 }  # fmt: skip
 
 RUN_HELP = """Train and evaluate a model, RecBole style; or compare models over seeds.
