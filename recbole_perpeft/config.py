@@ -2,7 +2,8 @@
 
 Order of precedence (lowest first): RecBole's own property files, ours
 (``properties/overall.yaml``, ``properties/model/<model>.yaml`` along the class MRO,
-``properties/backbone/<backbone>.yaml``, ``properties/dataset/<dataset>.yaml``),
+``properties/backbone/<backbone>.yaml``, the preset's ``properties/preset/<preset>.yaml`` (presets.py),
+``properties/dataset/<dataset>.yaml``),
 the user's ``config_file_list``, then ``config_dict`` (the entry point puts the command line there).
 """
 
@@ -21,6 +22,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole_perpeft.compat import check_environment, init_distributed_device
 from recbole_perpeft.config_values import choice
 from recbole_perpeft.model.precision import PRECISIONS
+from recbole_perpeft.presets import merge_preset_mappings, preset_files
 from recbole_perpeft.property_files import PROPERTIES_DIR
 from recbole_perpeft.utils import get_model
 
@@ -138,6 +140,13 @@ class Config(RecBoleConfig):
             path = PROPERTIES_DIR / folder / f"{chosen}.yaml"
             if chosen is not None and path.is_file():
                 self._update_internal_config_dict(str(path))
+        # Then the preset (--preset=paper: the official code's values), which the dataset's file and the user's
+        # files and command line still override.
+        preset, peft_type = (self.external_config_dict.get(key, self.internal_config_dict.get(key))
+                             for key in ("preset", "peft_type"))  # fmt: skip
+        self.preset_keys = set()
+        for path in preset_files(preset, peft_type):
+            self.preset_keys |= set(self._update_internal_config_dict(str(path)) or {})
         path = PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"
         if path.is_file():
             loaded = self._update_internal_config_dict(str(path)) or {}
@@ -145,6 +154,11 @@ class Config(RecBoleConfig):
         if self.internal_config_dict.get("loss_type") == "CE":
             # RecBole's CE models (SASRec, BERT4Rec, GRU4Rec, ...) score all items: no sampled negatives.
             self.internal_config_dict["train_neg_sample_args"] = None
+
+    def _get_final_config_dict(self):
+        final = super()._get_final_config_dict()
+        merge_preset_mappings(final, self.internal_config_dict, self.external_config_dict, self.preset_keys)
+        return final
 
     def _init_device(self):
         # One process of a multi-process run (recbole_perpeft/launch.py sets local_rank): RecBole's own

@@ -22,7 +22,7 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import ModelType
 
-from recbole_perpeft.config_values import option
+from recbole_perpeft.config_values import choice, option
 
 
 def user_items(*datasets) -> sp.csr_matrix:
@@ -100,3 +100,27 @@ def history_masked_loaders(config, train_data, valid_data, test_data):
         seen = seen + user_items(loader._dataset)  # test also masks the validation items
         seen.data[:] = 1
     return masked[0], masked[1]
+
+
+NEGATIVE_EXCLUDE = ("window", "history")
+
+
+def negative_history(config, dataset) -> sp.csr_matrix | None:
+    """``negative_exclude``: history gives the users' whole training histories (:func:`user_items` of the
+    train split ``dataset``) for the negatives to avoid; window gives None (the window's own items only)."""
+    value = option(config, "negative_exclude", "window")
+    mode = choice(str(value).lower(), NEGATIVE_EXCLUDE, "negative_exclude",
+                  "(window: a negative avoids the window's items; history: the user's whole training history)",
+                  given=value)  # fmt: skip
+    return user_items(dataset) if mode == "history" else None
+
+
+def with_whole_history(matrix: sp.csr_matrix, users, window_items: torch.Tensor) -> torch.Tensor:
+    """[B, T + H] a batch's window items (``window_items`` [B, T]) and each row's user's whole training
+    history from ``matrix``, 0-padded to the longest (H): what a negative sampler excludes per row."""
+    rows, items = history_rows(matrix, users)
+    counts = np.bincount(rows, minlength=len(window_items))
+    padded = np.zeros((len(window_items), max(int(counts.max(initial=0)), 1)), dtype=np.int64)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    padded[rows, np.arange(len(rows)) - starts[rows]] = items
+    return torch.cat([window_items, torch.from_numpy(padded).to(window_items.dtype)], dim=1)
