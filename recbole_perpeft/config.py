@@ -22,7 +22,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole_perpeft.compat import check_environment, init_distributed_device
 from recbole_perpeft.config_values import choice
 from recbole_perpeft.model.precision import PRECISIONS
-from recbole_perpeft.presets import merge_preset_mappings, preset_files
+from recbole_perpeft.presets import PER_PEFT_TYPE, merge_preset_mappings, preset_keys
 from recbole_perpeft.property_files import PROPERTIES_DIR
 from recbole_perpeft.utils import get_model
 
@@ -50,7 +50,7 @@ def known_keys() -> frozenset[str]:
     """Every key some property file declares (RecBole's, for all its models and datasets, and ours)
     and every key RecBole's code reads as config[<name>]: a key outside this set has no effect."""
     recbole_dir = Path(recbole.__file__).resolve().parent
-    keys = yaml_keys(recbole_dir / "properties") | yaml_keys(PROPERTIES_DIR) | CONFIG_KEYS
+    keys = yaml_keys(recbole_dir / "properties") | (yaml_keys(PROPERTIES_DIR) - {PER_PEFT_TYPE}) | CONFIG_KEYS
     read = re.compile(r"""(?:config|final_config_dict|self)\[\s*["']([A-Za-z_][A-Za-z0-9_]*)["']\s*\]""")
     for path in recbole_dir.rglob("*.py"):
         keys |= set(read.findall(path.read_text(encoding="utf-8")))
@@ -144,9 +144,9 @@ class Config(RecBoleConfig):
         # files and command line still override.
         preset, peft_type = (self.external_config_dict.get(key, self.internal_config_dict.get(key))
                              for key in ("preset", "peft_type"))  # fmt: skip
-        self.preset_keys = set()
-        for path in preset_files(preset, peft_type):
-            self.preset_keys |= set(self._update_internal_config_dict(str(path)) or {})
+        keys = preset_keys(preset, peft_type, lambda text: yaml.load(text, Loader=self.yaml_loader))
+        self.internal_config_dict.update(keys)
+        self.preset_keys = set(keys)
         path = PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"
         if path.is_file():
             loaded = self._update_internal_config_dict(str(path)) or {}

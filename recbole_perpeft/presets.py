@@ -1,9 +1,9 @@
 """Presets (``--preset=NAME``): a layer of config keys chosen as a whole, ``properties/preset/<NAME>.yaml``.
 
 ``recbole`` (the default) adds nothing: RecBole's protocol with this project's defaults. ``paper`` sets the
-official PerPEFT code's values where ours differ (docs/paper-preset.md). A preset may also hold
-``properties/preset/<NAME>/adapter/<PEFT TYPE>.yaml``, keys for one adapter family only (the paper's LoRA
-dropout would be an error in IA3's config).
+official PerPEFT code's values where ours differ (docs/paper-preset.md). Keys for one adapter family only
+go under ``for_peft_type: {<PEFT TYPE>: {...}}`` in the preset's file, applied when the run uses that type
+(the paper's LoRA dropout would be an error in IA3's config).
 
 Config layers a preset over the model, backbone and adapter files and under the dataset's file, the user's
 files and the command line: keys the preset sets win over the adapter family's YAML (adapters/registry.py
@@ -11,32 +11,38 @@ asks :func:`set_by_preset`), and a mapping it sets (``peft_config``) is merged k
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+
+import yaml
 
 from recbole_perpeft.property_files import PROPERTIES_DIR
 
 PRESET_DIR = PROPERTIES_DIR / "preset"
 DEFAULT_PRESET = "recbole"
+PER_PEFT_TYPE = "for_peft_type"  # {PEFT TYPE: {key: value}} inside a preset's file
 
 
 def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
 
-def preset_files(name, peft_type=None) -> list[Path]:
-    """The YAML files of preset ``name`` (None: the default) for a run with ``peft_type``, in load order;
-    ValueError naming the presets there are for an unknown name."""
+def preset_keys(name, peft_type=None, load: Callable[[str], object] = yaml.safe_load) -> dict:
+    """The keys preset ``name`` (None: the default) sets for a run with ``peft_type``; ValueError naming the
+    presets there are for an unknown name, or naming the file when it is not a mapping. ``load`` parses
+    YAML text (Config passes RecBole's loader, which reads 1e-6 as a number)."""
     name = DEFAULT_PRESET if name is None else name
     names = preset_names()
     if not isinstance(name, str) or name not in names:
         raise ValueError(f"preset must be one of {', '.join(names)}, got {name!r} (--preset=paper: the official "
                          f"PerPEFT code's protocol; recbole: RecBole's, the default; docs/paper-preset.md).")
-    files = [PRESET_DIR / f"{name}.yaml"]
+    path = PRESET_DIR / f"{name}.yaml"
+    keys = load(path.read_text(encoding="utf-8")) or {}
+    per_type = (keys.pop(PER_PEFT_TYPE, None) or {}) if isinstance(keys, dict) else None
+    if not isinstance(keys, dict) or not isinstance(per_type, dict):
+        raise ValueError(f"{path} must hold `key: value` lines (and {PER_PEFT_TYPE}: {{PEFT TYPE: {{key: value}}}}).")
     if peft_type is not None:
-        adapter = PRESET_DIR / name / "adapter" / f"{str(peft_type).upper()}.yaml"
-        if adapter.is_file():
-            files.append(adapter)
-    return files
+        keys.update(per_type.get(str(peft_type).upper()) or {})
+    return keys
 
 
 def set_by_preset(config, key: str) -> bool:

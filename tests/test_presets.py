@@ -61,6 +61,11 @@ def test_an_unknown_preset_is_refused_naming_the_known_ones(toy_dataset, toy_con
         toy_config("GlobalPEFT", toy_dataset, preset="papers")
 
 
+def test_the_preset_files_own_mapping_is_no_config_key(toy_dataset, toy_config):
+    with pytest.raises(ValueError, match="unknown config key 'for_peft_type'"):
+        toy_config("GlobalPEFT", toy_dataset, for_peft_type={"LORA": {}})
+
+
 def test_lora_dropout_under_the_paper_preset_merges_with_the_users_peft_config(toy_dataset, toy_config):
     assert PeftFamily.peft_kwargs(toy_config("GlobalPEFT", toy_dataset), "LORA")[0]["lora_dropout"] == 0.0
     kwargs = PeftFamily.peft_kwargs(toy_config("GlobalPEFT", toy_dataset, preset="paper"), "LORA")[0]
@@ -69,6 +74,7 @@ def test_lora_dropout_under_the_paper_preset_merges_with_the_users_peft_config(t
     assert PeftFamily.peft_kwargs(config, "LORA")[0] == {"r": 8, "lora_alpha": 8, "lora_dropout": 0.1}
     config = toy_config("GlobalPEFT", toy_dataset, preset="paper", peft_config={"lora_dropout": 0.0})
     assert PeftFamily.peft_kwargs(config, "LORA")[0]["lora_dropout"] == 0.0
+    assert "for_peft_type" not in toy_config("GlobalPEFT", toy_dataset, preset="paper")  # (the preset file's own)
     # LoRA's key only: another peft method's config never receives it
     config = toy_config("GlobalPEFT", toy_dataset, preset="paper", peft_type="IA3")
     assert "lora_dropout" not in PeftFamily.peft_kwargs(config, "IA3")[0]
