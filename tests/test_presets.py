@@ -15,9 +15,9 @@ from recbole_perpeft.adapters.peft_adapter import PeftFamily
 from recbole_perpeft.adapters.registry import family_defaults, family_settings
 from recbole_perpeft.data import create_dataset, data_preparation
 from recbole_perpeft.data.history_mask import HistoryMaskedFullSortEvalDataLoader
-from recbole_perpeft.data.sampler import SequenceNegativeSampler
+from recbole_perpeft.data.sampler import GroupNegativeSampler, SequenceNegativeSampler
 from recbole_perpeft.encoders.clip import ClipFoundation
-from recbole_perpeft.model.backbones.sasrec import UserSequenceDataLoader
+from recbole_perpeft.model.backbones.sasrec import GroupedUserSequenceDataLoader, UserSequenceDataLoader
 from recbole_perpeft.model.sequential_recommender.withoutmm import WithoutMM
 from recbole_perpeft.quick_start import run
 from recbole_perpeft.trainer import PEFTTrainer
@@ -159,6 +159,33 @@ def test_negatives_avoid_the_whole_training_history_under_negative_exclude_histo
     rows = drawn_negatives(toy_dataset, toy_config, "window")
     assert all(not set(negatives) & window for _, window, negatives in rows)
     assert sum(len(set(negatives) & history) for history, _, negatives in rows) > 0
+
+
+def test_group_negatives_avoid_the_whole_history_and_stay_in_the_groups_pool(toy_dataset, toy_config, in_tmp_path):
+    """PerPEFT's loader under negative_exclude: history: a group's negatives come from its pool, never from the
+    user's whole training history."""
+    config, _, train_data, *_ = build(toy_dataset, toy_config, MAX_ITEM_LIST_LENGTH=3, negative_exclude="history")
+    dataset = train_data._dataset
+    group_of_user = np.arange(dataset.user_num) % 2
+    pools = [np.arange(1, dataset.item_num), np.arange(1, dataset.item_num)[::2]]  # group 1: every other item
+    sampler = GroupNegativeSampler(dataset.item_num, seed=0, pools=pools)
+    loader = GroupedUserSequenceDataLoader(config, dataset, sampler, group_of_user)
+    history = {}
+    for uid, seq, length, target in zip(dataset.inter_feat[dataset.uid_field].tolist(),
+                                        dataset.inter_feat[dataset.item_id_list_field].tolist(),
+                                        dataset.inter_feat[dataset.item_list_length_field].tolist(),
+                                        dataset.inter_feat[dataset.iid_field].tolist(), strict=True):  # fmt: skip
+        history.setdefault(uid, set()).update(seq[:length] + [target])
+    seen = 0
+    for _ in range(20):
+        for batch in loader:
+            group = int(batch["group_id"][0])
+            for uid, negatives in zip(batch[dataset.uid_field].tolist(), batch["neg_item_list"].tolist(),
+                                      strict=True):  # fmt: skip
+                assert not set(negatives) & history[uid]
+                assert set(negatives) <= set(pools[group].tolist())
+                seen += 1
+    assert seen > 0
 
 
 def test_negative_exclude_refuses_an_unknown_value(toy_dataset, toy_config, in_tmp_path):
