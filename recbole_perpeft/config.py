@@ -2,7 +2,8 @@
 
 Order of precedence (lowest first): RecBole's own property files, ours
 (``properties/overall.yaml``, ``properties/model/<model>.yaml`` along the class MRO,
-``properties/backbone/<backbone>.yaml``, ``properties/dataset/<dataset>.yaml``),
+``properties/backbone/<backbone>.yaml``, the preset's ``properties/preset/<preset>.yaml`` (presets.py),
+``properties/dataset/<dataset>.yaml``),
 the user's ``config_file_list``, then ``config_dict`` (the entry point puts the command line there).
 """
 
@@ -24,6 +25,7 @@ from recbole_perpeft.config_checks import check_numbers, check_valid_metric, req
 from recbole_perpeft.config_values import choice
 from recbole_perpeft.data.checks import embedded_dataset_path
 from recbole_perpeft.model.precision import PRECISIONS
+from recbole_perpeft.presets import PER_PEFT_TYPE, merge_preset_mappings, preset_keys
 from recbole_perpeft.property_files import PROPERTIES_DIR
 from recbole_perpeft.utils import get_model
 
@@ -51,7 +53,7 @@ def known_keys() -> frozenset[str]:
     """Every key some property file declares (RecBole's, for all its models and datasets, and ours)
     and every key RecBole's code reads as config[<name>]: a key outside this set has no effect."""
     recbole_dir = Path(recbole.__file__).resolve().parent
-    keys = yaml_keys(recbole_dir / "properties") | yaml_keys(PROPERTIES_DIR) | CONFIG_KEYS
+    keys = yaml_keys(recbole_dir / "properties") | (yaml_keys(PROPERTIES_DIR) - {PER_PEFT_TYPE}) | CONFIG_KEYS
     read = re.compile(r"""(?:config|final_config_dict|self)\[\s*["']([A-Za-z_][A-Za-z0-9_]*)["']\s*\]""")
     for path in recbole_dir.rglob("*.py"):
         keys |= set(read.findall(path.read_text(encoding="utf-8")))
@@ -141,6 +143,13 @@ class Config(RecBoleConfig):
             path = PROPERTIES_DIR / folder / f"{chosen}.yaml"
             if chosen is not None and path.is_file():
                 self._update_internal_config_dict(str(path))
+        # Then the preset (--preset=paper: the official code's values), which the dataset's file and the user's
+        # files and command line still override.
+        preset, peft_type = (self.external_config_dict.get(key, self.internal_config_dict.get(key))
+                             for key in ("preset", "peft_type"))  # fmt: skip
+        keys = preset_keys(preset, peft_type, lambda text: yaml.load(text, Loader=self.yaml_loader))
+        self.internal_config_dict.update(keys)
+        self.preset_keys = set(keys)
         path = PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"
         if path.is_file():
             loaded = self._update_internal_config_dict(str(path)) or {}
@@ -148,6 +157,11 @@ class Config(RecBoleConfig):
         if self.internal_config_dict.get("loss_type") == "CE":
             # RecBole's CE models (SASRec, BERT4Rec, GRU4Rec, ...) score all items: no sampled negatives.
             self.internal_config_dict["train_neg_sample_args"] = None
+
+    def _get_final_config_dict(self):
+        final = super()._get_final_config_dict()
+        merge_preset_mappings(final, self.internal_config_dict, self.external_config_dict, self.preset_keys)
+        return final
 
     def _init_device(self):
         # One process of a multi-process run (recbole_perpeft/launch.py sets local_rank): RecBole's own

@@ -9,13 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from recbole_perpeft import compare as cmp
 from recbole_perpeft.compare import Row
 from recbole_perpeft.reproduce import Entry, reproduce, runner, table_entries
 from recbole_perpeft.reproduce.cli import main as reproduce_main
-from recbole_perpeft.reproduce.paper import load_paper
+from recbole_perpeft.reproduce.paper import load_paper, paper_note, paper_rows
 from tests.fake_runs import FakeRun, install
 from tests.tiny import make_atomic_dataset, table_keys
 
@@ -260,6 +261,32 @@ def test_the_shipped_paper_file_loads_and_names_its_source():
     assert set(paper["datasets"]) == {"amazon-arts", "amazon-beauty", "amazon-sports", "amazon-toys"}
     for datasets in paper["values"].values():
         assert set(datasets) <= set(paper["datasets"])
+
+
+def test_the_shipped_paper_file_has_every_row_of_tables_2_and_3():
+    """Filled from the paper: each of the paper's datasets has every row our Table 2 block prints (per PEFT type)
+    and Table 3's LoRA rows, with the four metrics, so the "(paper)" columns appear."""
+    paper = load_paper()
+    for dataset in paper["datasets"]:
+        for peft in ("LORA", "IA3", "IISAN"):
+            names = {entry.name for entry in table_entries("2", [peft]) if entry.block == peft}
+            rows = paper_rows(paper, "2", dataset, peft)
+            assert set(rows) == names, (dataset, peft)
+            assert all(set(metrics) == {"hit@20", "hit@30", "ndcg@20", "ndcg@30"} for metrics in rows.values())
+        names = {entry.name for entry in table_entries("3", ["LORA"]) if entry.block == "LORA"}
+        assert set(paper_rows(paper, "3", dataset, "LORA")) == names, dataset
+    assert paper_rows(paper, "2", "amazon-sports", "LORA")["PerPEFT"]["hit@20"] == "4.82 (.04)"
+    assert paper_note(paper, "2", "amazon-sports", shown=True).startswith('"(paper)" columns: Table 2 of')
+
+
+def test_the_shipped_paper_file_matches_the_shared_copy():
+    shared = Path(__file__).resolve().parents[2] / "shared" / "paper" / "paper_tables.yaml"
+    if not shared.is_file():
+        pytest.skip(f"no {shared}: the paper's numbers as copied for this project are not on this machine")
+    copy = yaml.safe_load(shared.read_text(encoding="utf-8"))
+    paper = load_paper()
+    assert paper["values"] == copy["values"]
+    assert paper["dataset_statistics"] == copy["dataset_statistics"]
 
 
 def test_command_line(monkeypatch, capsys):

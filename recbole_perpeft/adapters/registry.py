@@ -6,7 +6,8 @@ module needs to import another (they all import this one, never the reverse).
 
 A family's YAML holds config keys with their defaults (e.g. IISAN.yaml: ``side_adapter_size: 32``).
 :func:`family_settings` reads them for a run; the Config does not merge these files, so the precedence
-is applied here: property files (overall, model, dataset YAMLs) < the family's YAML < the user's files,
+is applied here: property files (overall, model, dataset YAMLs) < the family's YAML < a preset's keys
+(presets.py) < the user's files,
 ``config_dict`` and command line; mappings (``peft_config``) merge key by key; a ``~`` falls back to
 the family default (which may itself be ``~``, meaning "derive it", e.g. ``side_width``)."""
 
@@ -20,6 +21,7 @@ import yaml
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from recbole_perpeft.config_values import option, positive_int
+from recbole_perpeft.presets import set_by_preset
 
 __all__ = [
     "ADAPTER_FAMILIES", "FROZEN", "adapter_family_names", "family_defaults", "family_settings",
@@ -120,6 +122,8 @@ def _from_property_file(config, key: str) -> bool:
     (files, config_dict, command line) and not changed since (e.g. by LargeGlobalPEFT's scaling)."""
     internal, external = getattr(config, "internal_config_dict", None), getattr(config, "external_config_dict", None)
     if internal is None or external is None:  # a plain dict: everything in it was asked for
+        return False
+    if set_by_preset(config, key):  # a preset's layer sits over the adapter files (presets.py)
         return False
     return key not in external and key in internal and config[key] == internal[key]
 

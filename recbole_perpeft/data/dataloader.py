@@ -10,7 +10,8 @@ training items; ``all`` every window of the history, from the last one back by `
 The loss decides the negatives: one sampled negative per position (``NEG_LIST``, Eq. 1 / BPR), or,
 under ``loss_type: SAMPLED_SOFTMAX``, ``sampled_softmax_negatives`` items shared by the whole batch
 (``SHARED_NEGATIVES`` [1, K] and their log-probabilities ``SHARED_NEG_LOG_Q`` [1, K]: one row, so that
-``len(batch)`` stays the number of windows). Both come from the sampler's seeded generator (resume).
+``len(batch)`` stays the number of windows). Both come from the sampler's seeded generator (resume). A
+sampled negative avoids the window's items, or (``negative_exclude: history``) the user's whole training history.
 
 :class:`GroupedUserSequenceDataLoader` (PerPEFT §3.3.2) makes every batch hold windows of users of one
 group, so a batch trains one group's PEFT modules, and tags it with ``GROUP_ID``."""
@@ -25,6 +26,7 @@ from recbole.data.transform import construct_transform
 from recbole.utils import ModelType
 
 from recbole_perpeft.config_values import choice
+from recbole_perpeft.data.history_mask import negative_history, with_whole_history
 
 TARGET_LIST = "target_item_list"
 NEG_LIST = "neg_item_list"
@@ -146,6 +148,7 @@ class UserSequenceDataLoader(AbstractDataLoader):
         self.sample_size = len(self.user_data)
         self.seq_field = dataset.item_id_list_field
         self.shared_negatives = shared_negative_count(config)
+        self.whole_history = negative_history(config, dataset)  # negative_exclude: history (else None)
 
     def _init_batch_size_and_step(self):
         batch_size = self.config["train_batch_size"]
@@ -156,6 +159,8 @@ class UserSequenceDataLoader(AbstractDataLoader):
         """The users' rows of ``index`` and their history (input and target items) to exclude."""
         batch = self.user_data[torch.as_tensor(np.asarray(index), dtype=torch.long)]
         history = torch.cat([batch[self.seq_field], batch[TARGET_LIST]], dim=1)
+        if self.whole_history is not None:
+            history = with_whole_history(self.whole_history, batch[self._dataset.uid_field].numpy(), history)
         return batch, history
 
     def collate_fn(self, index):

@@ -11,6 +11,7 @@ from recbole.utils import ModelType
 
 from recbole_perpeft.data.checks import check_enough_items
 from recbole_perpeft.data.dataset import MultimodalSequentialDataset
+from recbole_perpeft.data.history_mask import history_masked_loaders
 from recbole_perpeft.data.sampler import SequenceNegativeSampler
 
 
@@ -51,12 +52,14 @@ def create_dataset(config):
 def data_preparation(config, dataset, model_class=None):
     """RecBole's split and evaluation loaders; our models train on the loader their backbone asks for
     (``model_class.training_loader``: one sequence per user for SASRec, user-item pairs for LightGCN)
-    instead of RecBole's every-prefix loader.
+    instead of RecBole's every-prefix loader. With ``eval_exclude_history`` the full ranking leaves out
+    each user's own past items (data/history_mask.py), for every model, RecBole's included.
 
     Refuses (ValueError), before any training, a dataset with fewer items than the largest top-k,
     which RecBole's evaluation would only crash on after the first epoch."""
     check_enough_items(config, dataset)
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
+    valid_data, test_data = history_masked_loaders(config, train_data, valid_data, test_data)  # eval_exclude_history
     if hasattr(model_class, "training_loader"):
         train_dataset = train_data._dataset
         sampler = SequenceNegativeSampler(train_dataset.item_num, seed=config["seed"])
