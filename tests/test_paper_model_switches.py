@@ -249,7 +249,7 @@ def test_grouping_keys_default_to_ours_and_refuse_unknown_values(toy):
 
 @pytest.fixture(scope="module")
 def paper_stage1(tmp_path_factory):
-    """The tiny CLIP two-stage setup under every key of preset/paper.yaml, IISAN: data, loaders, config."""
+    """The tiny CLIP two-stage setup under --preset=paper (every key of preset/paper.yaml), IISAN: data, loaders, config."""
     from recbole.utils import init_seed
 
     from recbole_perpeft.config import Config
@@ -260,7 +260,7 @@ def paper_stage1(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper_stage1")
     clip = make_tiny_clip(root / "clip")
     keys = two_stage_keys(root, make_atomic_dataset(root / "data", "paperds", n_users=30, n_items=30), clip.path)
-    keys.update(yaml.safe_load(PRESET.read_text()), peft_type="IISAN", adapt_image_tower=False, state="WARNING")
+    keys.update(preset="paper", peft_type="IISAN", adapt_image_tower=False, state="WARNING")  # the whole preset
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         config = Config(model="PerPEFT", dataset="paperds", config_dict=keys)
