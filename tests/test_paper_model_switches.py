@@ -249,7 +249,7 @@ def test_grouping_keys_default_to_ours_and_refuse_unknown_values(toy):
 
 @pytest.fixture(scope="module")
 def paper_stage1(tmp_path_factory):
-    """The tiny CLIP two-stage setup under --preset=paper (every key of preset/paper.yaml), IISAN: data, loaders, config."""
+    """The tiny CLIP two-stage setup under --preset=paper (every key of preset/paper.yaml), IISAN."""
     from recbole.utils import init_seed
 
     from recbole_perpeft.config import Config

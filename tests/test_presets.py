@@ -30,6 +30,19 @@ PAPER_KEYS = {
     "weight_decay": (1e-4, 0.0),
     "item_id_norm_penalty": (1e-6, 0.0),
     "negative_exclude": ("history", "window"),
+    # the model side (i39b's switches; IISAN's and the grouping's keys: tests/test_paper_model_switches.py)
+    "modality_norm": ("official", "layernorm"),
+    "projector_hidden_size": (64, 256),
+    "projector_hidden_norm": (True, False),
+    "projector_activation": ("relu", "gelu"),
+    "projector_dropout": (0.0, 0.1),
+    "projector_output_norm": (True, False),
+    "projector_layer_norm_eps": (1e-8, 1e-5),
+    "multimodal_weight": (0.5, 1.0),
+    "sasrec_variant": ("official", "recbole"),
+    "inner_size": (32, 128),
+    "hidden_act": ("relu", "gelu"),
+    "layer_norm_eps": (1e-8, 1e-12),
 }
 SMALL = {"hidden_size": 16, "inner_size": 32, "n_heads": 2, "train_batch_size": 8}
 
