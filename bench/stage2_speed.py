@@ -40,7 +40,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from lora_speed import build  # noqa: E402 (after the path)
 
-SHARED = ROOT.parent / "shared" / "datasets"
+# The shared data beside the checkout (or beside the folder of worktrees that holds it).
+SHARED = next((p / "shared" / "datasets" for p in ROOT.parents[:2] if (p / "shared" / "datasets").is_dir()),
+              ROOT.parent / "shared" / "datasets")  # fmt: skip
 SETTINGS = ("small", "large")
 
 
