@@ -4,7 +4,8 @@
     python bench/stage2_speed.py [--settings=small,large] [--peft=LORA,IISAN] [--repeats=3] [--profile]
         [--large_users=1.0] [--tiny] [--workdir=DIR] [--key=value ...]
 
-Settings (``--key=value`` overrides apply to every one):
+Settings (``--key=value`` overrides apply to every one; ``--dataset=NAME [--user_sample_ratio=R] [--n_groups=K]``
+runs that dataset as configured instead, setting ``custom``):
 - ``small``: multimodal ml-100k (titles + posters, ``--image_dir``, default ../shared/datasets/ml-100k-posters/
   images), ``user_sample_ratio`` 0.3 (283 users: 8 groups of about 35, so a group's last partial batch is a
   large share of its steps), LoRA on every layer, default precision;
@@ -49,6 +50,8 @@ SETTINGS = ("small", "large")
 def setting_keys(setting: str, peft: str, args) -> tuple[str, dict]:
     """(dataset, config keys) of one setting for one peft type."""
     lora = peft.upper() == "LORA"
+    if setting == "custom":
+        return args.dataset, {"user_sample_ratio": args.user_sample_ratio, "n_groups": args.n_groups}
     if args.tiny:
         users = 24 if setting == "small" else 64
         return args.tiny_dataset, {"user_sample_ratio": users / args.tiny_users, "n_groups": 2 if setting == "small"
@@ -172,15 +175,18 @@ def main(argv=None) -> int:
     parser.add_argument("--large_users", type=float, default=1.0, help="user_sample_ratio of the large setting")
     parser.add_argument("--image_dir", default=str(SHARED / "ml-100k-posters" / "images"))
     parser.add_argument("--raw_dir", default=str(SHARED / "amazon-scientific"))
+    parser.add_argument("--dataset", help="instead of the settings: this dataset, as configured (setting 'custom')")
+    parser.add_argument("--user_sample_ratio", type=float, default=1.0, help="with --dataset")
+    parser.add_argument("--n_groups", type=int, default=8, help="with --dataset")
     parser.add_argument("--profile", action="store_true", help="also one cProfiled epoch of each")
     parser.add_argument("--tiny", action="store_true", help="generated data, a 2-layer BERT (a smoke run)")
     parser.add_argument("--workdir", help="--tiny: where the generated data and caches go (default: a temporary one)")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, rest)
-    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    args.settings = ["custom"] if args.dataset else [s.strip() for s in args.settings.split(",") if s.strip()]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    if set(args.settings) - set(SETTINGS) or not args.settings:
+    if not args.dataset and (set(args.settings) - set(SETTINGS) or not args.settings):
         parser.error(f"--settings takes {','.join(SETTINGS)}")
     import warnings
 
