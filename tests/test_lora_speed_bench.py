@@ -87,11 +87,12 @@ def test_stage2_speed_bench_alternates_epochs_and_prints_the_ratio(tmp_path, mon
                       + [f"--{k}={v!r}" for k, v in keys.items() if isinstance(v, (dict, list))])  # fmt: skip
     out = capsys.readouterr().out
     for peft in ("IISAN", "LORA"):
-        assert f"[{peft}] epoch 2: GlobalPEFT" in out
-        assert f"[{peft}] PerPEFT: profiled epoch" in out and "(collate_fn)" in out and "(activate)" in out
-        row = re.search(rf"^{peft}\s+(\d+)\s+(\d+)/(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+        assert f"[custom {peft}] epoch 2: stage 1 (GlobalPEFT)" in out
+        assert f"[custom {peft}] PerPEFT: profiled epoch" in out and "(collate_fn)" in out and "(activate)" in out
+        row = re.search(rf"^custom\s+{peft}\s+\d+\s+\d+/\d+\s+\d+/\d+\s+\d+/\d+\s+([\d.]+)/([\d.]+)\s+([\d.]+)\s",
+                        out, re.M)  # fmt: skip
         assert row, out
-        global_s, perpeft_s, ratio = (float(row.group(i)) for i in (4, 5, 6))
+        global_s, perpeft_s, ratio = (float(row.group(i)) for i in (1, 2, 3))
         assert global_s > 0 and perpeft_s > 0
         # The printed seconds are rounded to 0.01: the ratio of the medians lies within what that rounding allows.
         low, high = (perpeft_s - 0.005) / (global_s + 0.005), (perpeft_s + 0.005) / max(global_s - 0.005, 1e-9)

@@ -67,6 +67,15 @@ class FrozenFamily(AdapterFamily):
     def modules(self) -> dict[str, nn.Module]:
         return {"features": self.features}
 
+    _frozen_linears: list | None = None
+
+    def frozen_linears(self) -> list[nn.Linear]:
+        """The foundation's own linear layers (no adapter's), for :meth:`Precision.lowered`."""
+        if self._frozen_linears is None:
+            self._frozen_linears = [m for n, m in self.foundation.named_modules()
+                                    if isinstance(m, nn.Linear) and not self.is_adapter_key(f"{n}.weight")]  # fmt: skip
+        return self._frozen_linears
+
     def foundation_vectors(self, modality: str, items: torch.Tensor) -> torch.Tensor:
         """The foundation's vectors of ``items`` (all having ``modality``), adapter included if any."""
         return self.foundation.encode(modality, self.tower.item_inputs(modality, items))
@@ -76,7 +85,8 @@ class FrozenFamily(AdapterFamily):
         run's ``precision``: the frozen caches above are fp32): titles in length buckets, each trimmed to
         its longest title, the vectors put back in the order of ``items``; float32 out."""
         buckets = self.tower.text_buckets(items) if modality == "text" else []
-        with self.tower.precision.autocast(items.device.type):
+        device, precision = items.device.type, self.tower.precision
+        with precision.autocast(device), precision.lowered(self.frozen_linears(), device):
             if len(buckets) <= 1:
                 return self.foundation_vectors(modality, items).float()
             parts = [self.foundation_vectors(modality, items[bucket]) for bucket in buckets]

@@ -227,12 +227,15 @@ class PeftFamily(FrozenFamily):
 
     # --- per-group adapters ------------------------------------------------------------------------------
 
+    _switched: tuple[list, list] | None = None  # activate's (global, group) parameters, found once per add_groups
+
     def add_groups(self, n_groups: int) -> None:
         for group in range(n_groups):
             for handle in self.peft_models:
                 handle.add_adapter(group_adapter_name(group), handle.peft_config[GLOBAL_ADAPTER])
         self.n_groups = n_groups
         self.forget_adapter_keys()
+        self._switched = None
 
     @torch.no_grad()
     def copy_global_to_groups(self) -> None:
@@ -257,9 +260,16 @@ class PeftFamily(FrozenFamily):
         name = GLOBAL_ADAPTER if group is None else group_adapter_name(group)
         for handle in self.peft_models:
             handle.set_adapter(name)  # this also flips requires_grad: set them back below
-        for adapter in [GLOBAL_ADAPTER] + [group_adapter_name(g) for g in range(self.n_groups)]:
-            for param in self.adapter_parameters(adapter).values():
-                param.requires_grad_(adapter != GLOBAL_ADAPTER)
+        if self._switched is None:
+            # Found once: walking the foundation's modules for each adapter at every step (PerPEFT switches
+            # adapter every batch) cost more than the switch itself.
+            groups = [p for g in range(self.n_groups) for p in self.group_parameters(g)]
+            self._switched = list(self.adapter_parameters(GLOBAL_ADAPTER).values()), groups
+        frozen, trainable = self._switched
+        for param in frozen:
+            param.requires_grad_(False)
+        for param in trainable:
+            param.requires_grad_(True)
 
     # --- LargeGlobalPEFT ---------------------------------------------------------------------------------
 

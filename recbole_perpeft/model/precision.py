@@ -15,6 +15,7 @@ another format than the one asked for would change results; ``auto`` is the port
 from __future__ import annotations
 
 import contextlib
+import weakref
 from logging import getLogger
 
 import torch
@@ -121,6 +122,38 @@ class Precision:
         if device_type == "cpu" and self.name == "bf16" and torch.is_grad_enabled():
             return _cpu_bf16_training(self.dtype)
         return torch.autocast(device_type, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def lowered(self, linears: list, device_type: str):
+        """Inside :meth:`autocast`: the weights and biases of the frozen ``linears`` (``nn.Linear``; any whose
+        weight requires grad is left alone) swapped for copies in this precision's dtype for the forward.
+        autocast casts a weight that requires no grad again at every call (it caches casts of trainable leaves
+        only): on a CPU that was 30% of a bf16 LoRA step of one user (MiniLM, 4 length buckets). The copies
+        are autocast's own cast, made once and kept while the weight is unchanged (its version counter),
+        so the forward computes the same values."""
+        if self.name == "fp32" or not torch.amp.is_autocast_available(device_type):
+            yield
+            return
+        if not hasattr(self, "_lowered"):
+            self._lowered = weakref.WeakKeyDictionary()  # linear -> (versions, {name: lowered tensor})
+        swapped = []
+        try:
+            for linear in linears:
+                params = {k: v for k, v in linear._parameters.items() if v is not None}
+                if any(v.requires_grad for v in params.values()) or any(v.dtype != torch.float32 for v in
+                                                                        params.values()):  # fmt: skip
+                    continue
+                versions = tuple(v._version for v in params.values())
+                cached = self._lowered.get(linear)
+                if cached is None or cached[0] != versions:
+                    cached = versions, {k: v.detach().to(self.dtype) for k, v in params.items()}
+                    self._lowered[linear] = cached
+                swapped.append((linear, params))
+                linear._parameters.update(cached[1])  # plain tensors in place of the Parameters, for this forward
+            yield
+        finally:
+            for linear, params in swapped:
+                linear._parameters.update(params)
 
     def __repr__(self) -> str:
         return f"Precision({self.name!r}, requested={self.requested!r})"
