@@ -9,7 +9,7 @@ import os
 from logging import getLogger
 from time import time
 
-from recbole.utils import init_logger, init_seed, set_color
+from recbole.utils import dict2str, init_logger, init_seed, set_color
 
 from recbole_perpeft.config import Config
 from recbole_perpeft.data import create_dataset, data_preparation
@@ -79,8 +79,9 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
 
     init_seed(config["seed"] + rank(), config["reproducibility"])  # (rank 0's initial weights are broadcast)
     outcome = train_and_evaluate(config, model_class, train_data, valid_data, test_data, saved, resume, fingerprint)
-    logger.info(set_color("best valid ", "yellow") + f": {outcome['best_valid_result']}")
-    logger.info(set_color("test result", "yellow") + f": {outcome['test_result']}")
+    # RecBole's "metric : value" form (an OrderedDict's repr reads np.float64(0.037) under numpy 2)
+    logger.info(set_color("best valid ", "yellow") + f": {dict2str(outcome['best_valid_result'])}")
+    logger.info(set_color("test result", "yellow") + f": {dict2str(outcome['test_result'])}")
     result = {"model": config["model"], "dataset": config["dataset"], "config": config.final_config_dict, **outcome}
     if result_file and rank() == 0:
         write_json(result_file, result)
