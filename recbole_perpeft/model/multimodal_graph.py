@@ -2,7 +2,9 @@
 
 - :func:`frozen_item_features`: every item's vector per modality from the run's frozen foundation model
   (MiniLM + EfficientNet-Lite0, or CLIP), the very cache the sequential models read (the item tower's
-  FROZEN family, adapters/frozen.py), so a comparison isolates the recommender, not the features.
+  FROZEN family, adapters/frozen.py), so a comparison isolates the recommender, not the features. The
+  foundation's settings are FrozenMM's (its property files) under whatever the run sets
+  (:func:`feature_settings`): LATTICE and BM3 read the vectors FrozenMM reads, from one cache.
 - :func:`knn_graph`: a k-nearest-neighbour item-item graph from cosine similarity, symmetric-normalised
   (D^-1/2 S D^-1/2), held as neighbour lists ([n, k] indices and weights) rather than a sparse matrix: every
   row has exactly k entries, the weights stay differentiable (LATTICE learns its graph through them), and
@@ -17,12 +19,35 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from recbole.model.abstract_recommender import GeneralRecommender
 from torch import nn
 
 from recbole_perpeft.model.backbones.lightgcn import normalized_adjacency
+from recbole_perpeft.property_files import PROPERTIES_DIR
 
 SIMILARITY_CHUNK = 1024  # rows of the [chunk, n] similarity block computed at once
+# Where the foundation model's settings (foundation_model, text_max_length, image_size, ...) are declared: the
+# model files of FrozenMM, whose item vectors are the frozen foundation's as here.
+FEATURE_SETTINGS_FILES = ("GlobalPEFT.yaml", "FrozenMM.yaml")
+
+
+class Settings(dict):
+    """A plain mapping read as a RecBole Config is: a key nobody set reads None."""
+
+    def __missing__(self, key):
+        return None
+
+
+def feature_settings(config) -> Settings:
+    """FrozenMM's foundation settings (:data:`FEATURE_SETTINGS_FILES`), overlaid by every key the run sets."""
+    settings = Settings()
+    loader = getattr(config, "yaml_loader", yaml.SafeLoader)  # RecBole's reads 1e-5 as a number too
+    for name in FEATURE_SETTINGS_FILES:
+        settings.update(yaml.load((PROPERTIES_DIR / "model" / name).read_text(encoding="utf-8"), Loader=loader) or {})
+    given = getattr(config, "final_config_dict", config)
+    settings.update({key: value for key, value in given.items() if value is not None or key not in settings})
+    return settings
 
 
 def frozen_item_features(config, dataset) -> dict[str, torch.Tensor]:
@@ -30,7 +55,7 @@ def frozen_item_features(config, dataset) -> dict[str, torch.Tensor]:
     rows of items without the modality (and the padding item 0) are zero, as :func:`knn_graph` expects."""
     from recbole_perpeft.model.item_tower import ItemTower  # (the encoders are imported only here)
 
-    tower = ItemTower(config, dataset, adapt=False)
+    tower = ItemTower(feature_settings(config), dataset, adapt=False)
     features = {}
     for modality in tower.modalities:
         has = tower.has(modality).clone()
