@@ -22,7 +22,8 @@ from tests.tiny import make_atomic_dataset, table_keys
 
 GROUPED = {"PerPEFT", "GroupLevel1", "GroupLevel2"}
 BASE = {"WithoutMM": 0.10, "FrozenMM": 0.15, "GlobalPEFT": 0.20, "UserLevel1": 0.21, "UserLevel2": 0.22,
-        "GroupLevel1": 0.23, "GroupLevel2": 0.24, "LargeGlobalPEFT": 0.25, "PerPEFT": 0.30}  # fmt: skip
+        "GroupLevel1": 0.23, "GroupLevel2": 0.24, "LargeGlobalPEFT": 0.25, "PerPEFT": 0.30,
+        "LATTICE": 0.17, "BM3": 0.16}  # fmt: skip
 
 
 # --- the rows ----------------------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def test_table3_and_missing_rows():
     assert missing[0].row == Row("GlobalPEFT LORA", "GlobalPEFT", {"peft_type": "LORA"})  # Table 2's row
     assert missing[-1].row.overrides == {"peft_type": "LORA", "missing_image_ratio": 0.5}
     with pytest.raises(ValueError, match="--table"):
-        table_entries("4", "LORA")
+        table_entries("5", "LORA")
     with pytest.raises(ValueError, match="--peft"):
         table_entries("2", "LORA,,IA3")
 
@@ -255,6 +256,26 @@ def test_paper_numbers_beside_ours(tmp_path, fake_run):
     assert payload["blocks"][0]["paper"] == {"PerPEFT": {"hit@20": "12.34"}}
 
 
+def test_table4_runs_lattice_bm3_on_their_own_schedule_beside_perpeft_ia3(tmp_path, fake_run):
+    entries = table_entries("4")  # (IA)3 unless --peft says otherwise, as in the paper
+    assert [(e.block, e.name, e.row) for e in entries] == [
+        ("IA3", "LATTICE", Row("LATTICE", "LATTICE", {})), ("IA3", "BM3", Row("BM3", "BM3", {})),
+        ("IA3", "PerPEFT", Row("PerPEFT IA3", "PerPEFT", {"peft_type": "IA3"}))]  # fmt: skip
+    assert table_entries("4", "LORA")[-1].row.overrides == {"peft_type": "LORA"}
+    paper = {"source": "https://arxiv.org/html/2602.09445", "tables": {"4": "Table 4"}, "datasets": {"repds": "Rep"},
+             "values": {"4": {"repds": {"IA3": {"LATTICE": {"hit@20": "4.69"}}}}}}  # fmt: skip
+    payload = reproduce("4", "repds", seeds=1, result_dir=tmp_path / "t4", paper=paper,
+                        overrides={**dataset_keys(tmp_path), "stage1_epochs": 2, "stage2_epochs": 3})  # fmt: skip
+    configs = {c["model"]: c["config"] for c in fake_run.calls}
+    assert "epochs" not in configs["LATTICE"] and "epochs" not in configs["BM3"]  # their YAML's early stopping
+    assert configs["PerPEFT"]["peft_type"] == "IA3" and Path(payload["files"]["markdown"]).name == "table4.md"
+    markdown = Path(payload["files"]["markdown"]).read_text()
+    assert re.search(r"\| LATTICE \| [^|]+ \| 4.69 \| ", markdown) and "| BM3 |" in markdown
+    shipped = load_paper()
+    assert shipped["values"]["4"]["amazon-sports"]["IA3"]["BM3"] == {"hit@20": "4.61", "ndcg@20": "1.94"}
+    assert shipped["values"]["4"]["amazon-arts"]["IA3"]["PerPEFT"] == {"hit@20": "6.56", "ndcg@20": "2.67"}
+
+
 def test_the_shipped_paper_file_loads_and_names_its_source():
     paper = load_paper()
     assert paper["source"] == "https://arxiv.org/html/2602.09445"
@@ -301,6 +322,7 @@ def test_command_line(monkeypatch, capsys):
                                    "overrides": {"epochs": "3", "topk": [5, 10]}, "extend": False})]  # fmt: skip
     reproduce_main(["--table=2", "--dataset=D", "--stage2_epochs=27", "--extend"])
     assert calls[-1][1]["extend"] is True and calls[-1][1]["overrides"] == {"stage2_epochs": "27"}
+    assert calls[-1][1]["peft"] is None  # the table's default PEFT types (tables.default_peft)
 
     def failing(*args, **kwargs):
         raise ValueError("--peft_type: a table sets ...")

@@ -11,6 +11,7 @@ from recbole.utils import ModelType
 
 from recbole_perpeft.data.checks import check_enough_items
 from recbole_perpeft.data.dataset import MultimodalSequentialDataset
+from recbole_perpeft.data.general_dataset import MultimodalGeneralDataset
 from recbole_perpeft.data.history_mask import history_masked_loaders
 from recbole_perpeft.data.sampler import SequenceNegativeSampler
 
@@ -36,17 +37,26 @@ def ensure_dataset_files(config) -> None:
 
 
 def create_dataset(config):
-    """Our dataset class for sequential models, RecBole's otherwise; a known dataset whose files are missing
-    is prepared first (:func:`ensure_dataset_files`)."""
+    """Our dataset class for sequential models and our general ones, RecBole's otherwise; a known dataset
+    whose files are missing is prepared first (:func:`ensure_dataset_files`)."""
     sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
-    if not sequential and config["user_sample_ratio"] not in (None, 1, 1.0):
-        raise ValueError("user_sample_ratio is only supported for sequential models.")
+    ours = sequential or multimodal_general(config)  # (our general models read the same users, items, split)
+    if not ours and config["user_sample_ratio"] not in (None, 1, 1.0):
+        raise ValueError("user_sample_ratio is only supported for sequential models and ours (LATTICE, BM3).")
     ensure_dataset_files(config)
-    if sequential:
-        dataset = MultimodalSequentialDataset(config)
+    if ours:
+        dataset = (MultimodalSequentialDataset if sequential else MultimodalGeneralDataset)(config)
         getLogger().info(dataset)
         return dataset
     return recbole_create_dataset(config)
+
+
+def multimodal_general(config) -> bool:
+    """Is the run's model a general model of ours (``recbole_perpeft/model/general_recommender``)?"""
+    from recbole_perpeft.utils import model_module  # (imported here: utils imports the trainers)
+
+    path = model_module(str(config["model"]))
+    return path is not None and ".general_recommender." in path
 
 
 def data_preparation(config, dataset, model_class=None):

@@ -1,11 +1,12 @@
 """One command per paper table: run its rows over seeds and write JSON, Markdown and a PNG chart.
 
-    recbole-perpeft reproduce --table=2|3|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
+    recbole-perpeft reproduce --table=2|3|4|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
         [--rows=A,B] [--extend] [--result_dir=DIR] [--config_files=a.yaml] [--key=value ...]
 
 - The tables' rows (tables.py): Table 2 per PEFT type (w/o MM, FrozenMM, GlobalPEFT, UserLevel1/2, GroupLevel1/2,
   PerPEFT; w/o MM and FrozenMM run once and show in every block), Table 3's ablations on the first PEFT type (plus
-  a "beyond the paper" block), ``missing``: GlobalPEFT and PerPEFT with 0, 25 and 50% of the item images removed.
+  a "beyond the paper" block), Table 4: LATTICE and BM3 against PerPEFT with (IA)3 (docs/models-table4.md),
+  ``missing``: GlobalPEFT and PerPEFT with 0, 25 and 50% of the item images removed.
 - Equal training: single-stage rows train ``stage1_epochs + stage2_epochs`` epochs (10 + 20 = 30 by default)
   unless ``--epochs`` is given; two-stage rows train their two stages. Two-stage rows whose settings differ only
   in stage-2 keys share one stage-1 GlobalPEFT per seed (recbole_perpeft.compare.run_rows).

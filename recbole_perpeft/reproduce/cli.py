@@ -1,4 +1,4 @@
-"""recbole-perpeft reproduce --table=2|3|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
+"""recbole-perpeft reproduce --table=2|3|4|missing --dataset=D [--peft=LORA,IA3,IISAN] [--seeds=3]
 [--rows=A,B] [--extend] [--result_dir=DIR] [--config_files=a.yaml,b.yaml] [--key=value ...]: see
 reproduce/__init__.py."""
 
@@ -17,8 +17,8 @@ def parse_args(argv):
                                      description="Run one of the paper's tables over seeds.")  # fmt: skip
     parser.add_argument("--table", required=True, choices=TABLES)
     parser.add_argument("--dataset", "-d", required=True)
-    parser.add_argument("--peft", default=",".join(DEFAULT_PEFT), help="PEFT types (Table 2: a block each; "
-                        "Table 3 and missing: the first)")  # fmt: skip
+    parser.add_argument("--peft", default=None, help=f"PEFT types (Table 2: a block each; Tables 3, 4 and missing: "
+                        f"the first; default {','.join(DEFAULT_PEFT)}, Table 4: IA3)")  # fmt: skip
     parser.add_argument("--seeds", default="3", help="a count (3: the config's seed and the two after) or a list")
     parser.add_argument("--rows", default=None, help="only these rows, as the table names them (e.g. "
                         "'w/o MM,FrozenMM,GlobalPEFT,PerPEFT'); their runs are reused by the whole table later")

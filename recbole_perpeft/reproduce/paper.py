@@ -9,12 +9,32 @@ import yaml
 PAPER_FILE = Path(__file__).resolve().parent / "paper_tables.yaml"
 
 
-def load_paper(path=PAPER_FILE) -> dict:
-    """The data file as a dict (``values`` always present); a malformed file is an error naming it."""
+# Tables transcribed from another source than PAPER_FILE's, in its layout; a table PAPER_FILE has wins.
+EXTRA_FILES = (Path(__file__).resolve().parent / "paper_table4.yaml",)
+
+
+def load_paper(path=PAPER_FILE, extra=None) -> dict:
+    """The data file as a dict (``values`` always present), plus the tables of ``extra`` files it lacks
+    (default: :data:`EXTRA_FILES` for the default file, none for another); a malformed file is an error
+    naming it."""
     path = Path(path)
-    if not path.is_file():
+    extra = (EXTRA_FILES if path == PAPER_FILE else ()) if extra is None else extra
+    data = _read(path)
+    if data is None:
         print(f"[reproduce] no {path}: the paper's numbers are not shown", flush=True)
-        return {"values": {}}
+        data = {"values": {}}
+    for file in extra:
+        more = _read(Path(file)) or {"values": {}}
+        for table, datasets in more["values"].items():
+            if str(table) not in {str(t) for t in data["values"]}:
+                data["values"][table] = datasets
+                data["tables"] = {**(data.get("tables") or {}), table: (more.get("tables") or {}).get(table, table)}
+    return data
+
+
+def _read(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     values = (data.get("values") or {}) if isinstance(data, dict) else None
     if not isinstance(values, dict):
@@ -27,7 +47,7 @@ def load_paper(path=PAPER_FILE) -> dict:
                                                             metrics.values()):  # fmt: skip
                         raise ValueError(f"{path}: values.{table}.{dataset}.{block}.{row} must map metric keys "
                                          "(hit@20, ...) to numbers as the paper prints them.")  # fmt: skip
-    return {**data, "values": values}
+    return {**data, "values": dict(values)}
 
 
 def paper_rows(paper: dict, table: str, dataset: str, block: str) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 from recbole_perpeft.compare_report import MARKER, SIGNIFICANCE, render_markdown
 
 HEADINGS = {"2": "Table 2: PerPEFT against the baselines", "3": "Table 3: ablations",
+            "4": "Table 4: PerPEFT against non-sequential multimodal recommenders",
             "missing": "PerPEFT and GlobalPEFT with item images removed"}  # fmt: skip
 
 

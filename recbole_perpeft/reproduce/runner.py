@@ -12,10 +12,11 @@ from recbole_perpeft.config_values import choice
 from recbole_perpeft.reproduce.paper import load_paper, paper_note, paper_rows
 from recbole_perpeft.reproduce.report import bar_chart, line_chart, render_document
 from recbole_perpeft.reproduce.tables import (
-    DEFAULT_PEFT,
+    OWN_SCHEDULE,
     REFERENCE,
     TABLES,
     blocks_of,
+    default_peft,
     parse_peft,
     rows_of,
     table_entries,
@@ -71,7 +72,8 @@ def check_row_configs(rows, dataset: str, config_file_list, overrides) -> None:
 
 def equal_training(entries, config, overrides) -> tuple[list, dict]:
     """Single-stage rows train ``stage1_epochs + stage2_epochs`` epochs (the paper's equal training), unless
-    ``--epochs`` or the row itself says otherwise; two-stage rows train their stages."""
+    ``--epochs`` or the row itself says otherwise; two-stage rows train their stages; the OWN_SCHEDULE models
+    (LATTICE, BM3) their YAML's (early stopping)."""
     stage1, stage2 = int(config["stage1_epochs"]), int(config["stage2_epochs"])
     info = {"stage1_epochs": stage1, "stage2_epochs": stage2}
     if "epochs" in overrides:
@@ -79,7 +81,7 @@ def equal_training(entries, config, overrides) -> tuple[list, dict]:
     epochs = stage1 + stage2
     rows = {}
     for row in rows_of(entries):
-        single = not is_grouped(row.model) and "epochs" not in row.overrides
+        single = not is_grouped(row.model) and "epochs" not in row.overrides and row.model not in OWN_SCHEDULE
         rows[row.label] = Row(row.label, row.model, {**row.overrides, "epochs": epochs}) if single else row
     return [dataclasses.replace(e, row=rows[e.row.label]) for e in entries], {**info, "single_stage_epochs": epochs}
 
@@ -101,9 +103,9 @@ def valid_metric(config, metrics) -> str:
     return metric if metric in metrics else metrics[0]
 
 
-def reproduce(table, dataset: str, peft=DEFAULT_PEFT, seeds=DEFAULT_SEEDS, result_dir=None, config_file_list=None,
+def reproduce(table, dataset: str, peft=None, seeds=DEFAULT_SEEDS, result_dir=None, config_file_list=None,
               overrides=None, entries=None, paper=None, only=None, extend=False) -> dict:  # fmt: skip
-    """Run (or reuse) every row of ``table`` ('2', '3', 'missing'; recbole_perpeft/reproduce/tables.py) over
+    """Run (or reuse) every row of ``table`` ('2', '3', '4', 'missing'; recbole_perpeft/reproduce/tables.py) over
     ``seeds`` and write ``<result_dir>/<stem>.json``, ``.md`` and ``.png`` (stem: table2, table3, missing), the
     runs in ``<result_dir>/runs/``; return the JSON dict. ``entries`` replaces the table's rows (tests, other
     tables); ``paper`` replaces the paper's numbers (paper_tables.yaml); ``only`` (row names as the table prints
@@ -114,7 +116,7 @@ def reproduce(table, dataset: str, peft=DEFAULT_PEFT, seeds=DEFAULT_SEEDS, resul
     overrides = dict(overrides or {})
     if "peft_type" in overrides:
         raise ValueError("--peft_type: a table sets the PEFT type of each row; choose them with --peft=LORA,IA3,...")
-    peft_types = parse_peft(peft)
+    peft_types = parse_peft(default_peft(table) if peft is None else peft)
     entries = list(entries) if entries is not None else table_entries(table, peft_types)
     config = resolve_config(dataset, config_file_list, overrides)
     entries, training = equal_training(entries, config, overrides)
