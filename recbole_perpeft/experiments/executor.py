@@ -14,6 +14,7 @@ run gets ``cores // jobs`` torch threads (``OMP_NUM_THREADS`` and ``torch.set_nu
   and ``.checkpoint`` (the checkpoint file the run writes, reported as it starts). A run killed midway (the
   whole command interrupted, or the machine stopped) is resumed, when the command is run again, from the later
   of that checkpoint and its ``-last`` companion (or the stage-1 ones of a two-stage run): recbole_perpeft/resume.py.
+  A run that failed with an error starts afresh when retried (the error may have been fixed in between).
 - Output: one line when a run starts and one when it ends, with the overall count; at the end, the runs that
   failed with the last line of their log and the command to retry them (the same command: finished runs are
   reused). A failing run does not stop the others (only the rows waiting on its stage 1).
@@ -218,6 +219,8 @@ def _collect(run: Planned, dataset: str) -> None:
     result = load_run(run.path, run.model, dataset, run.seed, quiet=True) if run.proc.returncode == 0 else None
     if result is None:
         run.error = f"exit status {run.proc.returncode}, last log line: {last_line(side_file(run.path, '.log'))}"
+        if run.proc.returncode > 0 and run.proc.returncode != 130:  # an error, not an interruption: a retry
+            side_file(run.path, ".checkpoint").unlink(missing_ok=True)  # (perhaps with a fix) starts afresh
     else:
         run.result = result
 
