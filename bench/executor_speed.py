@@ -5,7 +5,8 @@ in one run: GlobalPEFT and FrozenMM x 2 seeds with IISAN on multimodal ml-100k (
     python bench/executor_speed.py --tiny     # smoke mode: a generated dataset and a tiny CLIP
 
 Each setting trains every run afresh into its own folder (out/jobs<N>/), --jobs=N first (the caches both share
-in out/cache are built cold by it, not by --jobs=1: the ratio errs against --jobs=N), the same command
+in out/cache are built cold by it, not by --jobs=1: the ratio errs against --jobs=N; run it twice for the
+figure with the caches built), the same command
 otherwise; prints the seconds of each, their ratio (jobs N / jobs 1) and whether every run's test result is
 identical, and writes out/executor_speed.json. Run it on a quiet machine: other CPU jobs distort the timings
 (the load average is printed)."""
