@@ -125,3 +125,16 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, config_file):
         last = [line.strip() for line in log.read_text().splitlines() if line.strip()][-1]
         assert f"GlobalPEFT seed {seed}: exit status 1, last log line: {last}" in report
     assert "retry them with the same command" in report
+
+
+def test_the_speed_bench_smoke_mode_times_both_and_finds_the_runs_identical(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "executor_speed.py"), "--tiny",
+                           f"--out={tmp_path}"], env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = re.search(r"--jobs=1: ([\d.]+) s; --jobs=2: ([\d.]+) s; ratio ([\d.]+)x; per-run test results identical: "
+                     r"True", done.stdout)  # fmt: skip
+    assert line, done.stdout[-3000:]
+    report = json.loads((tmp_path / "executor_speed.json").read_text())
+    assert report["identical"] is True and report["ratio"] == pytest.approx(float(line[2]) / float(line[1]), rel=0.01)
+    assert len(list((tmp_path / "jobs2" / "comparison.runs").glob("*-seed*.json"))) == 4
