@@ -85,6 +85,7 @@ def parse_args(argv, prog: str = "recbole-perpeft run"):
                         help="compare: NAME=PATH,... rows read from finished runs (a folder, or folder/label)")
     parser.add_argument("--extend", action="store_true",
                         help="compare: continue finished runs of a shorter schedule to the epochs asked (--resume)")
+    parser.add_argument("--jobs", default="1", help="compare: runs at once, each a subprocess (docs/running.md)")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, rest)
     files = args.config_files.replace(",", " ").split() if args.config_files else None
@@ -94,7 +95,8 @@ def parse_args(argv, prog: str = "recbole-perpeft run"):
 def is_comparison(args) -> bool:
     if getattr(args, "compare", False):  # `recbole-perpeft compare`
         return True
-    return "," in args.model or args.extend or any(v is not None for v in (args.seeds, args.ttest, args.runs_from))
+    return "," in args.model or args.extend or str(args.jobs).strip() != "1" \
+        or any(v is not None for v in (args.seeds, args.ttest, args.runs_from))
 
 
 def main(argv=None):
@@ -209,6 +211,7 @@ def run_comparison(args, files, overrides):
         reference=args.ttest,
         runs_from=args.runs_from,
         extend=args.extend,
+        jobs=args.jobs,
     )
 
 if __name__ == "__main__":

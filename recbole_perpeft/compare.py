@@ -328,19 +328,34 @@ def check_extensions(rows, grouped: dict, dataset: str, seed_list, runs_dir, ove
         raise ValueError("--extend: nothing was trained: " + "; ".join(refused) + ".")
 
 
+def check_jobs(jobs, extend: bool = False) -> int:
+    """--jobs as a positive int; --extend continues runs one after another (jobs 1)."""
+    try:
+        count = int(str(jobs).strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"--jobs must be a number of runs at once (e.g. --jobs=2), got {jobs!r}.") from None
+    if count < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs!r}.")
+    if count > 1 and extend:
+        raise ValueError("--extend continues finished runs one at a time: leave out --jobs (or give --jobs=1).")
+    return count
+
+
 def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, overrides=None, log="compare",
-             skip=None, stage1_from=None, extend=False) -> tuple[dict, dict]:
+             skip=None, stage1_from=None, extend=False, jobs=1) -> tuple[dict, dict]:
     """Train (or reuse) every (row, seed), seed by seed, the rows of a seed in order; return ``runs``
     ({label: {seed: run file}}) and ``test_results`` ({label: {seed: test_result}}).
 
     ``skip(row)``: a reason not to run a row (printed once; the row gets no runs), or None. ``stage1_from``:
     more rows (the rest of a table) whose finished runs' stage 1 the two-stage rows may share. ``extend``: a
-    finished run that only trained a shorter schedule is continued to this one (recbole_perpeft/extend_runs.py)."""
+    finished run that only trained a shorter schedule is continued to this one (recbole_perpeft/extend_runs.py).
+    ``jobs`` > 1: that many runs at once, each a subprocess (recbole_perpeft/experiments/executor.py)."""
     from recbole_perpeft import quick_start
     from recbole_perpeft.extend_runs import SCHEDULE_KEYS, extend_run, extension, schedule_key
 
     rows = check_rows(rows)
     overrides = dict(overrides or {})
+    jobs = check_jobs(jobs, extend)
     grouped = {row.model: is_grouped(row.model) for row in rows}  # also checks every name before anything trains
     reasons = {row.label: skip(row) if skip else None for row in rows}
     for label, reason in reasons.items():
@@ -354,6 +369,11 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
           f"{dataset}: {total} runs, results in {runs_dir}/", flush=True)  # fmt: skip
     if extend:
         check_extensions(todo, grouped, dataset, seed_list, runs_dir, overrides)
+    if jobs > 1:
+        from recbole_perpeft.experiments.executor import run_rows_parallel
+
+        return run_rows_parallel(todo, grouped, dataset, seed_list, runs_dir, config_file_list, overrides, log,
+                                 sharing, user_global, jobs)  # fmt: skip
     runs = {row.label: {} for row in todo}
     test_results = {row.label: {} for row in todo}
     done = 0
@@ -489,10 +509,11 @@ def compare(
     reference=None,
     runs_from=None,
     extend=False,
+    jobs=1,
 ) -> dict:
     """Train (or reuse) every (model, seed), write the comparison JSON and Markdown; return the JSON dict.
     ``runs_from`` ({name: path} or 'NAME=PATH,...'): rows read from finished runs, not trained. ``extend``:
-    finished runs of a shorter schedule are continued to this one (run_rows)."""
+    finished runs of a shorter schedule are continued to this one (run_rows). ``jobs``: runs at once (run_rows)."""
     models = parse_models(models)
     overrides = dict(overrides or {})
     sources = parse_runs_from(runs_from)
@@ -515,7 +536,7 @@ def compare(
     runs, test_results = read_source_rows(sources, dataset, seed_list, overrides)  # before anything trains
     if trained:
         more_runs, more_results = run_rows([Row(m, m, {}) for m in trained], dataset, seed_list, runs_dir,
-                                           config_file_list, overrides, extend=extend)  # fmt: skip
+                                           config_file_list, overrides, extend=extend, jobs=jobs)  # fmt: skip
         runs.update(more_runs)
         test_results.update(more_results)
     runs = {model: runs[model] for model in models}

@@ -344,7 +344,11 @@ def test_command_line_picks_single_run_or_comparison(entry_calls):
     kind, args, kwargs = entry_calls[-1]
     assert kind == "compare" and args == ("A,B", "D")
     assert kwargs == {"seeds": 2, "config_file_list": ["x.yaml"], "overrides": {"epochs": "1"},
-                      "result_file": "t.json", "reference": None, "runs_from": None, "extend": False}  # fmt: skip
+                      "result_file": "t.json", "reference": None, "runs_from": None, "extend": False,
+                      "jobs": "1"}  # fmt: skip
+
+    main(["--model=A", "--dataset=D", "--jobs=2"])  # --jobs alone: a comparison of one model (its runs at once)
+    assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["jobs"] == "2"
 
     main(["--model=A", "--dataset=D", "--seeds=1,5"])  # --seeds alone: a comparison of one model
     assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["seeds"] == [1, 5]
@@ -355,7 +359,7 @@ def test_command_line_picks_single_run_or_comparison(entry_calls):
     assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["runs_from"] == "A=old.runs"
     main(["--model=A", "--extend", "--epochs=20"])  # --extend alone: a comparison too (continuing its runs)
     assert entry_calls[-1][0] == "compare" and entry_calls[-1][2]["extend"] is True
-    assert len(entry_calls) == 6
+    assert len(entry_calls) == 7
 
 
 @pytest.mark.parametrize(
@@ -430,3 +434,10 @@ def test_comparison_end_to_end(tmp_path):
     assert again.stdout.count("reusing") == 4
     assert {p: p.stat().st_mtime for p in (tmp_path / "table.runs").iterdir()} == mtimes
     assert (tmp_path / "table.md").read_text() == markdown
+
+
+@pytest.mark.parametrize("jobs, extend, message", [("0", False, "at least 1"), ("two", False, "a number of runs"),
+                                                    (2, True, "--extend continues finished runs one at a time")])
+def test_bad_jobs_are_refused_before_anything_runs(jobs, extend, message):
+    with pytest.raises(ValueError, match=message):
+        cmp.check_jobs(jobs, extend)

@@ -319,10 +319,13 @@ def test_command_line(monkeypatch, capsys):
                     "--config_files=a.yaml,b.yaml", "--rows=w/o MM,PerPEFT"])  # fmt: skip
     assert calls == [(("3", "D"), {"peft": "IISAN", "seeds": [1, 2], "result_dir": None,
                                    "config_file_list": ["a.yaml", "b.yaml"], "only": "w/o MM,PerPEFT",
-                                   "overrides": {"epochs": "3", "topk": [5, 10]}, "extend": False})]  # fmt: skip
+                                   "overrides": {"epochs": "3", "topk": [5, 10]}, "extend": False,
+                                   "jobs": "1"})]  # fmt: skip
     reproduce_main(["--table=2", "--dataset=D", "--stage2_epochs=27", "--extend"])
     assert calls[-1][1]["extend"] is True and calls[-1][1]["overrides"] == {"stage2_epochs": "27"}
     assert calls[-1][1]["peft"] is None  # the table's default PEFT types (tables.default_peft)
+    reproduce_main(["--table=2", "--dataset=D", "--jobs=3"])
+    assert calls[-1][1]["jobs"] == "3" and calls[-1][1]["overrides"] == {}
 
     def failing(*args, **kwargs):
         raise ValueError("--peft_type: a table sets ...")

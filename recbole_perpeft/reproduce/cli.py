@@ -24,6 +24,7 @@ def parse_args(argv):
                         "'w/o MM,FrozenMM,GlobalPEFT,PerPEFT'); their runs are reused by the whole table later")
     parser.add_argument("--extend", action="store_true", help="continue finished runs of a shorter schedule "
                         "(fewer epochs / stage2_epochs) to the one asked, by --resume, keeping the shorter runs")
+    parser.add_argument("--jobs", default="1", help="runs at once, each a subprocess (docs/running.md)")
     parser.add_argument("--result_dir", default=None, help="default reproduce-<dataset>-table<N>/")
     parser.add_argument("--config_files", default=None, help="comma- or space-separated YAML files")
     args, rest = parser.parse_known_args(argv)
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
     try:
         reproduce(args.table, args.dataset, peft=args.peft, seeds=parse_seeds(args.seeds),
                   result_dir=args.result_dir, config_file_list=files, overrides=overrides, only=args.rows,
-                  extend=args.extend)  # fmt: skip
+                  extend=args.extend, jobs=args.jobs)  # fmt: skip
     except (TrainingInterrupted, KeyboardInterrupt):
         print("interrupted: run the same command again; finished runs are reused.", file=sys.stderr)
         sys.exit(130)

@@ -104,14 +104,15 @@ def valid_metric(config, metrics) -> str:
 
 
 def reproduce(table, dataset: str, peft=None, seeds=DEFAULT_SEEDS, result_dir=None, config_file_list=None,
-              overrides=None, entries=None, paper=None, only=None, extend=False) -> dict:  # fmt: skip
+              overrides=None, entries=None, paper=None, only=None, extend=False, jobs=1) -> dict:  # fmt: skip
     """Run (or reuse) every row of ``table`` ('2', '3', '4', 'missing'; recbole_perpeft/reproduce/tables.py) over
     ``seeds`` and write ``<result_dir>/<stem>.json``, ``.md`` and ``.png`` (stem: table2, table3, missing), the
     runs in ``<result_dir>/runs/``; return the JSON dict. ``entries`` replaces the table's rows (tests, other
     tables); ``paper`` replaces the paper's numbers (paper_tables.yaml); ``only`` (row names as the table prints
     them, e.g. ['w/o MM', 'GlobalPEFT', 'PerPEFT']) runs and reports those rows alone: the cheap part of a table
     first, its runs reused when the whole table runs later. ``extend``: finished runs of a shorter schedule
-    (e.g. the table at 10 epochs, asked now at 30) are continued by --resume (recbole_perpeft/extend_runs.py)."""
+    (e.g. the table at 10 epochs, asked now at 30) are continued by --resume (recbole_perpeft/extend_runs.py).
+    ``jobs``: runs at once, each a subprocess (compare.run_rows)."""
     table = choice(str(table), TABLES, "--table")
     overrides = dict(overrides or {})
     if "peft_type" in overrides:
@@ -134,7 +135,7 @@ def reproduce(table, dataset: str, peft=None, seeds=DEFAULT_SEEDS, result_dir=No
 
     runs, test_results = run_rows(rows, dataset, seed_list, result_dir / "runs", config_file_list, overrides,
                                   log="reproduce", skip=lambda row: skipped.get(row.label),
-                                  stage1_from=table_rows, extend=extend)  # fmt: skip
+                                  stage1_from=table_rows, extend=extend, jobs=jobs)  # fmt: skip
     if not test_results:
         raise ValueError(f"nothing to report on {dataset}: every row was skipped ({reason}).")
 
