@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -373,7 +374,7 @@ def run_rows(rows, dataset: str, seed_list, runs_dir, config_file_list=None, ove
         from recbole_perpeft.experiments.executor import run_rows_parallel
 
         return run_rows_parallel(todo, grouped, dataset, seed_list, runs_dir, config_file_list, overrides, log,
-                                 sharing, user_global, jobs)  # fmt: skip
+                                 sharing, user_global, jobs, store=sys.modules[__name__])  # fmt: skip
     runs = {row.label: {} for row in todo}
     test_results = {row.label: {} for row in todo}
     done = 0

@@ -11,30 +11,8 @@ from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_perpeft.compat import with_safe_checkpoints
+from recbole_perpeft.model_paths import MODEL_PACKAGE, model_kinds, model_module  # noqa: F401 - re-exported
 from recbole_perpeft.resume import ResumableTrainerMixin
-
-MODEL_PACKAGE = "recbole_perpeft.model"
-KIND_SUFFIX = "_recommender"  # model kind folders, as RecBole's: sequential_recommender, general_recommender, ...
-
-
-def model_kinds() -> list[str]:
-    """The model kind folders of recbole_perpeft/model/ (``<kind>_recommender/``), so a new kind needs no
-    registration; other folders there (backbones, ...) hold building blocks, not models."""
-    package = importlib.import_module(MODEL_PACKAGE)
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.ispkg and m.name.endswith(KIND_SUFFIX))
-
-
-def model_module(model_name: str) -> str | None:
-    """``recbole_perpeft.model.<kind>.<model_name lower-cased>`` if such a file exists (RecBole-GNN's
-    convention: model ``X`` is class ``X`` in ``x.py``), else None. Found without importing it, so
-    ``--model=X`` imports only X (and its encoders), not every model."""
-    if not model_name.isidentifier():  # a dotted or odd name would make find_spec import what it names
-        return None
-    for kind in model_kinds():
-        path = f"{MODEL_PACKAGE}.{kind}.{model_name.lower()}"
-        if importlib.util.find_spec(path) is not None:
-            return path
-    return None
 
 
 def our_model(model_name: str) -> type | None:

@@ -23,6 +23,9 @@ OURS = [
     "GroupLevel2",
     "LargeGlobalPEFT",
     "SharedGroupPEFT",
+    "WithoutMM",
+    "LATTICE",
+    "BM3",
 ]
 
 
@@ -30,7 +33,8 @@ OURS = [
 def test_each_of_our_models_is_found(name):
     model_class = get_model(name)
     assert model_class.__name__ == name
-    assert model_class.__module__ == f"recbole_perpeft.model.sequential_recommender.{name.lower()}"
+    kind = "general" if name in ("LATTICE", "BM3") else "sequential"
+    assert model_class.__module__ == f"recbole_perpeft.model.{kind}_recommender.{name.lower()}"
 
 
 def test_a_recbole_model_is_recboles():
@@ -64,9 +68,10 @@ def test_a_name_in_the_wrong_case_is_refused(name):
 
 @pytest.fixture
 def general_kind(tmp_path, monkeypatch):
-    """A new model kind folder, general_recommender/ with a model ToyModel, as if shipped in recbole_perpeft/model/."""
+    """A new model kind folder, toy_recommender/ with a model ToyModel, as if shipped in recbole_perpeft/model/
+    (general_recommender/ exists now: LATTICE, BM3)."""
     package = importlib.import_module("recbole_perpeft.model")
-    folder = tmp_path / "general_recommender"
+    folder = tmp_path / "toy_recommender"
     folder.mkdir()
     (folder / "__init__.py").write_text("")
     (folder / "toymodel.py").write_text(
@@ -75,14 +80,14 @@ def general_kind(tmp_path, monkeypatch):
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
     importlib.invalidate_caches()
     yield
-    for name in [m for m in sys.modules if m.startswith("recbole_perpeft.model.general_recommender")]:
+    for name in [m for m in sys.modules if m.startswith("recbole_perpeft.model.toy_recommender")]:
         del sys.modules[name]
 
 
 def test_a_new_model_kind_folder_needs_no_registration(general_kind):
-    assert "general_recommender" in utils.model_kinds()
+    assert "toy_recommender" in utils.model_kinds()
     toy = get_model("ToyModel")
-    assert toy.__module__ == "recbole_perpeft.model.general_recommender.toymodel"
+    assert toy.__module__ == "recbole_perpeft.model.toy_recommender.toymodel"
     assert "ToyModel" in our_model_names()
     assert get_trainer(None, "ToyModel") is toy.trainer_class  # a model of ours may name its trainer
     with pytest.raises(ValueError, match="ToyModel"):

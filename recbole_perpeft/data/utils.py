@@ -14,6 +14,7 @@ from recbole_perpeft.data.dataset import MultimodalSequentialDataset
 from recbole_perpeft.data.general_dataset import MultimodalGeneralDataset
 from recbole_perpeft.data.history_mask import history_masked_loaders
 from recbole_perpeft.data.sampler import SequenceNegativeSampler
+from recbole_perpeft.model_paths import model_module
 
 
 def ensure_dataset_files(config) -> None:
@@ -53,8 +54,6 @@ def create_dataset(config):
 
 def multimodal_general(config) -> bool:
     """Is the run's model a general model of ours (``recbole_perpeft/model/general_recommender``)?"""
-    from recbole_perpeft.utils import model_module  # (imported here: utils imports the trainers)
-
     path = model_module(str(config["model"]))
     return path is not None and ".general_recommender." in path
 

@@ -91,17 +91,13 @@ def retry_command() -> str:
 
 
 def run_rows_parallel(rows, grouped: dict, dataset: str, seed_list, runs_dir, config_file_list, overrides: dict,
-                      log: str, sharing, user_global: bool, jobs: int) -> tuple[dict, dict]:
-    """compare.run_rows with ``jobs`` runs at once: the same reuse and stage-1 sharing, the same return value."""
-    from recbole_perpeft.compare import (
-        _given,
-        changed_values,
-        describe_changes,
-        finished_stage1,
-        load_run,
-        run_file,
-        stage1_key,
-    )
+                      log: str, sharing, user_global: bool, jobs: int, store) -> tuple[dict, dict]:
+    """compare.run_rows with ``jobs`` runs at once: the same reuse and stage-1 sharing, the same return value.
+    ``store``: the module that holds the run-reuse rules (recbole_perpeft.compare, which passes itself), given
+    rather than imported so that compare -> executor stays the only import between the two."""
+    _given, changed_values, describe_changes = store._given, store.changed_values, store.describe_changes
+    finished_stage1, load_run, run_file, stage1_key = (store.finished_stage1, store.load_run, store.run_file,
+                                                       store.stage1_key)  # fmt: skip
 
     plan, results, done, total = [], {}, 0, len(rows) * len(seed_list)
     for seed in seed_list:
@@ -132,13 +128,13 @@ def run_rows_parallel(rows, grouped: dict, dataset: str, seed_list, runs_dir, co
                 stage1[key] = run  # this run trains it
             plan.append(run)
     if plan:
-        results.update(run_parallel(plan, dataset, config_file_list, jobs, log))
+        results.update(run_parallel(plan, dataset, config_file_list, jobs, log, load_run))
     runs = {row.label: {s: str(run_file(runs_dir, row.label, s)) for s in seed_list} for row in rows}
     test_results = {row.label: {s: results[(row.label, s)]["test_result"] for s in seed_list} for row in rows}
     return runs, test_results
 
 
-def run_parallel(plan: list[Planned], dataset: str, config_file_list, jobs: int, log: str) -> dict:
+def run_parallel(plan: list[Planned], dataset: str, config_file_list, jobs: int, log: str, load_run) -> dict:
     """Run ``plan`` with up to ``jobs`` at once; return {(label, seed): result}. Raises RunsFailed (after every
     other run has ended) naming the failed runs."""
     threads = threads_per_run(jobs)
@@ -165,7 +161,7 @@ def run_parallel(plan: list[Planned], dataset: str, config_file_list, jobs: int,
             for run in [r for r in running if r.proc.poll() is not None]:
                 running.remove(run)
                 ended.append(run)
-                _collect(run, dataset)
+                _collect(run, dataset, load_run)
                 _report_end(run, log, ended, plan)
             if running:
                 time.sleep(POLL_SECONDS)
@@ -213,9 +209,7 @@ def _start(run: Planned, dataset, config_file_list, threads: int, log: str, ende
     print(f"[{log}] start {run.name}{how}{stage1}; {ended} of {total} ended", flush=True)
 
 
-def _collect(run: Planned, dataset: str) -> None:
-    from recbole_perpeft.compare import load_run
-
+def _collect(run: Planned, dataset: str, load_run) -> None:
     result = load_run(run.path, run.model, dataset, run.seed, quiet=True) if run.proc.returncode == 0 else None
     if result is None:
         run.error = f"exit status {run.proc.returncode}, last log line: {last_line(side_file(run.path, '.log'))}"
