@@ -58,6 +58,7 @@ class TokenRecommender:
     def _index(self) -> None:
         self.item_index = {t: i for i, t in enumerate(self.item_tokens) if i > 0}
         self.user_index = {t: i for i, t in enumerate(self.user_tokens) if i > 0}
+        self.token_array = np.array(self.item_tokens, dtype=object)
 
     # --- the public API -----------------------------------------------------------------------------
 
@@ -128,12 +129,15 @@ class TokenRecommender:
             rows, items = self.seen_pairs(batch)
             scores[rows, items] = -torch.inf
         top = torch.topk(scores, k, dim=1)
-        out = []
-        for i, (values, ids) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
-            keep = [j for j, v in enumerate(values) if v != -np.inf]  # fewer unseen items than k
-            group = None if groups is None else int(groups[i])
-            out.append(Recommendation([self.item_tokens[ids[j]] for j in keep], [values[j] for j in keep], group))
-        return out
+        # (tokens gathered for the whole batch at once: per-item Python lookups cost more than the matmul)
+        tokens = self.token_array[top.indices.numpy()].tolist()
+        values = top.values.tolist()
+        groups = [None] * len(batch) if groups is None else groups.tolist()
+        if bool((top.values == -torch.inf).any()):  # fewer unseen items than k: drop the masked ones
+            keep = [[j for j, v in enumerate(row) if v != -np.inf] for row in values]
+            tokens = [[row[j] for j in kept] for row, kept in zip(tokens, keep, strict=True)]
+            values = [[row[j] for j in kept] for row, kept in zip(values, keep, strict=True)]
+        return [Recommendation(*row) for row in zip(tokens, values, groups, strict=True)]
 
     def sequences(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, max_seq_length] left-aligned histories (a request's own, else the user's stored one) and lengths."""
