@@ -128,8 +128,17 @@ def test_an_export_serves_known_users_without_the_encoder(loaded, runs, model, t
     """Known users' vectors are stored at export: serving them runs no encoder (and gives the full model's
     top-k); a history given with a request, or a new user, still runs it."""
     run, rec = loaded[model]
-    served = TableRecommender.load(run.export(str(tmp_path / "export")))
+    out = run.export(str(tmp_path / "export"))
+    served = TableRecommender.load(out)
     assert bool(served.precomputed[1:].all()) and not bool(served.precomputed[0])
+    # An export written before the vectors were stored still serves known users (through the encoder).
+    from safetensors.torch import load_file
+
+    weights = {k: v for k, v in load_file(str(Path(out) / WEIGHTS_FILE)).items() if not k.startswith("users.v")}
+    older = TableRecommender(served.meta, {k: v for k, v in weights.items() if k != "users.precomputed"})
+    assert older.user_vectors is None
+    assert [r.items for r in older.recommend(user=rec.user_tokens[1:], k=K)] == [
+        r.items for r in served.recommend(user=rec.user_tokens[1:], k=K)]
     calls = []
     for encoder in served.encoders.values():
         monkeypatch.setattr(encoder, "forward", lambda *a, **kw: calls.append(1) or pytest.fail("encoder ran"))
