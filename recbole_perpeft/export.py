@@ -8,7 +8,10 @@ What is written (``DIR/model.safetensors`` and ``DIR/recommender.json``):
 * ``encoder.global.*`` (and PerPEFT's shared ``encoder.groups.*``): the SASRec encoder, mapped from RecBole's
   TransformerEncoder layout to ``torch.nn.TransformerEncoderLayer``'s (serving.SequenceEncoder).
 * ``grouping.*``: each known user's group and what assigns new users (K-Means centres / GMM parameters).
-* ``users.*``: each known user's last ``MAX_ITEM_LIST_LENGTH`` items and every item it has (``exclude_seen``).
+* ``users.*``: each known user's last ``MAX_ITEM_LIST_LENGTH`` items and every item it has (``exclude_seen``),
+  and its sequence vector from them (``users.vectors``; PerPEFT: under its own group), computed here once by the
+  full model's own code in batches, as the paper's App. D.2 does for item tables: a known user is then served by
+  one matmul against its group's table, without the encoder (``users.precomputed`` marks who has one).
 * the JSON: item and user tokens by internal id, the encoder's sizes, the grouping's method, the run's config.
 
 Served: our sequence models with the SASRec backbone (GlobalPEFT, FrozenMM, WithoutMM, LargeGlobalPEFT,
@@ -83,6 +86,44 @@ def model_parts(model, config) -> tuple[dict, dict, dict | None]:
                      f"{name} scores users otherwise: serve it with recommend --checkpoint.")
 
 
+@torch.no_grad()
+def known_user_vectors(model, recommender, device, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n_users, H] each known user's sequence vector from its stored history, [n_users] which users have one)
+    by the full model's code (``user_vectors`` under the user's group; RecBole's SASRec: ``forward``), exactly as
+    recommend.Recommender scores them. PerPEFT's users left out of the grouping (and user 0) get none."""
+    from recbole.data.interaction import Interaction
+
+    from recbole_perpeft.model.sequential_recommender.perpeft import PerPEFT
+
+    n_users = len(recommender.user_tokens)
+    vectors, precomputed = None, torch.zeros(n_users, dtype=torch.bool)
+    for start in range(1, n_users, batch_size):
+        users = torch.arange(start, min(start + batch_size, n_users))
+        seqs, lengths = recommender.histories[users], recommender.lengths[users].clamp(min=1)
+        if not hasattr(model, "user_vectors"):  # RecBole's SASRec
+            batch_vectors, done = model.forward(seqs.to(device), lengths.to(device)), torch.ones_like(users, dtype=bool)
+        else:
+            batch = Interaction({model.USER_ID: users, model.ITEM_SEQ: seqs, model.ITEM_SEQ_LEN: lengths}).to(device)
+            if not isinstance(model, PerPEFT):
+                batch_vectors, done = model.user_vectors(batch, None), torch.ones_like(users, dtype=bool)
+            else:
+                groups = model.group_of_user.cpu()[users]
+                done, batch_vectors = groups >= 0, None
+                for group in groups[done].unique().tolist():
+                    rows = torch.nonzero(groups == group).flatten()
+                    part = model.user_vectors(batch[rows.to(device)], group)
+                    if batch_vectors is None:
+                        batch_vectors = torch.zeros(len(users), part.shape[1], device=part.device)
+                    batch_vectors[rows.to(device)] = part
+                if batch_vectors is None:
+                    continue
+        if vectors is None:
+            vectors = torch.zeros(n_users, batch_vectors.shape[1])
+        vectors[users] = batch_vectors.float().cpu()
+        precomputed[users] = done
+    return vectors, precomputed
+
+
 def grouping_parts(groups, model) -> tuple[dict, dict]:
     meta = {"method": groups.method, "n_groups": int(groups.n_groups), "seed": int(groups.seed)}
     weights = {"grouping.labels": model.group_of_user}
@@ -117,6 +158,9 @@ def export(run, directory: str, recommender=None) -> str:
     recommender = recommender or run.recommender()
     weights.update({"users.histories": recommender.histories, "users.lengths": recommender.lengths,
                     "users.seen_indptr": recommender.seen_indptr, "users.seen_indices": recommender.seen_indices})
+    vectors, precomputed = known_user_vectors(model, recommender, config["device"])
+    if vectors is not None:
+        weights.update({"users.vectors": vectors, "users.precomputed": precomputed})
     meta = {
         "format": FORMAT,
         "model": run.model_name,

@@ -187,7 +187,7 @@ class Recommender(TokenRecommender):
                              "not a history.")  # fmt: skip
         return request
 
-    def score(self, users, seqs, lengths):
+    def score(self, users, seqs, lengths, stored=None):
         from recbole.data.interaction import Interaction
 
         model, device = self.model, self.run.config["device"]

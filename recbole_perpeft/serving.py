@@ -58,6 +58,7 @@ class TokenRecommender:
     def _index(self) -> None:
         self.item_index = {t: i for i, t in enumerate(self.item_tokens) if i > 0}
         self.user_index = {t: i for i, t in enumerate(self.user_tokens) if i > 0}
+        self.token_array = np.array(self.item_tokens, dtype=object)
 
     # --- the public API -----------------------------------------------------------------------------
 
@@ -120,19 +121,23 @@ class TokenRecommender:
     def _recommend_batch(self, batch: list[Request], k: int, exclude_seen: bool) -> list[Recommendation]:
         users = torch.tensor([r.user for r in batch], dtype=torch.long)
         seqs, lengths = self.sequences(batch)
-        scores, groups = self.score(users, seqs, lengths)
+        stored = torch.tensor([not r.history for r in batch], dtype=torch.bool)  # scored from the stored history
+        scores, groups = self.score(users, seqs, lengths, stored)
         scores = scores.float().cpu()
         scores[:, 0] = -torch.inf  # padding
         if exclude_seen:
             rows, items = self.seen_pairs(batch)
             scores[rows, items] = -torch.inf
         top = torch.topk(scores, k, dim=1)
-        out = []
-        for i, (values, ids) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
-            keep = [j for j, v in enumerate(values) if v != -np.inf]  # fewer unseen items than k
-            group = None if groups is None else int(groups[i])
-            out.append(Recommendation([self.item_tokens[ids[j]] for j in keep], [values[j] for j in keep], group))
-        return out
+        # (tokens gathered for the whole batch at once: per-item Python lookups cost more than the matmul)
+        tokens = self.token_array[top.indices.numpy()].tolist()
+        values = top.values.tolist()
+        groups = [None] * len(batch) if groups is None else groups.tolist()
+        if bool((top.values == -torch.inf).any()):  # fewer unseen items than k: drop the masked ones
+            keep = [[j for j, v in enumerate(row) if v != -np.inf] for row in values]
+            tokens = [[row[j] for j in kept] for row, kept in zip(tokens, keep, strict=True)]
+            values = [[row[j] for j in kept] for row, kept in zip(values, keep, strict=True)]
+        return [Recommendation(*row) for row in zip(tokens, values, groups, strict=True)]
 
     def sequences(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, max_seq_length] left-aligned histories (a request's own, else the user's stored one) and lengths."""
@@ -159,8 +164,9 @@ class TokenRecommender:
             rows, items = torch.cat([rows, extra[:, 0]]), torch.cat([items, extra[:, 1]])
         return rows, items
 
-    def score(self, users: torch.Tensor, seqs: torch.Tensor, lengths: torch.Tensor):
-        """([B, n_items] scores, [B] groups or None) of a batch (``users`` 0: new)."""
+    def score(self, users: torch.Tensor, seqs: torch.Tensor, lengths: torch.Tensor, stored: torch.Tensor):
+        """([B, n_items] scores, [B] groups or None) of a batch (``users`` 0: new; ``stored``: the rows whose
+        sequence is the known user's stored history, not one given with the request)."""
         raise NotImplementedError
 
 
@@ -221,6 +227,8 @@ class TableRecommender(TokenRecommender):
         self.tables = {k[len("table.") :]: v for k, v in weights.items() if k.startswith("table.")}
         self.histories, self.lengths = weights["users.histories"], weights["users.lengths"]
         self.seen_indptr, self.seen_indices = weights["users.seen_indptr"], weights["users.seen_indices"]
+        # (an export written before these were stored encodes every user)
+        self.user_vectors, self.precomputed = weights.get("users.vectors"), weights.get("users.precomputed")
         self.grouping = meta.get("grouping")
         self.group_of_user = weights.get("grouping.labels")
         self.group_weights = {k[len("grouping.") :]: v for k, v in weights.items() if k.startswith("grouping.")}
@@ -244,20 +252,32 @@ class TableRecommender(TokenRecommender):
         width = int(lengths.max())  # (positions past the longest history change nothing)
         return self.encoders[encoder](self.tables[table][seqs[:, :width]], lengths)
 
-    def score(self, users, seqs, lengths):
+    def score(self, users, seqs, lengths, stored):
+        # A known user's vector from its stored history was computed at export (export.known_user_vectors,
+        # the full model's own path): it is one matmul; only the other rows run the encoder.
+        cached = torch.zeros(len(users), dtype=torch.bool)
+        if self.user_vectors is not None:
+            cached = stored & self.precomputed[users]
+        vectors = torch.empty(len(users), self.tables["global"].shape[1])
+        if cached.any():
+            vectors[cached] = self.user_vectors[users[cached]]
+        encode = ~cached
         if self.grouping is None:
-            user = self._user_vectors("global", "global", seqs, lengths)
-            return user @ self.tables["global"].T, None
+            if encode.any():
+                vectors[encode] = self._user_vectors("global", "global", seqs[encode], lengths[encode])
+            return vectors @ self.tables["global"].T, None
         groups = self.group_of_user[users].clone()
-        new = users == 0
+        new = (users == 0) | (groups < 0)  # (a user left out of the grouping is served as new, as the full model)
         if new.any():
             interest = self._user_vectors("global", "global", seqs[new], lengths[new])
             groups[new] = self.assign(interest)
         scores = torch.empty(len(users), len(self.item_tokens))
         for group in groups.unique().tolist():
-            rows = torch.nonzero(groups == group).flatten()
-            table = f"group.{group}"
-            scores[rows] = self._user_vectors("groups", table, seqs[rows], lengths[rows]) @ self.tables[table].T
+            rows, table = groups == group, f"group.{group}"
+            if (rows & encode).any():
+                vectors[rows & encode] = self._user_vectors("groups", table, seqs[rows & encode],
+                                                            lengths[rows & encode])  # fmt: skip
+            scores[rows] = vectors[rows] @ self.tables[table].T
         return scores, groups
 
     def assign(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,42 @@ def test_export_round_trip_is_exact(loaded, runs, model, tmp_path):
                                   atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_an_export_serves_known_users_without_the_encoder(loaded, runs, model, tmp_path, monkeypatch):
+    """Known users' vectors are stored at export: serving them runs no encoder (and gives the full model's
+    top-k); a history given with a request, or a new user, still runs it."""
+    run, rec = loaded[model]
+    out = run.export(str(tmp_path / "export"))
+    served = TableRecommender.load(out)
+    assert bool(served.precomputed[1:].all()) and not bool(served.precomputed[0])
+    # An export written before the vectors were stored still serves known users (through the encoder).
+    from safetensors.torch import load_file
+
+    weights = {k: v for k, v in load_file(str(Path(out) / WEIGHTS_FILE)).items() if not k.startswith("users.v")}
+    older = TableRecommender(served.meta, {k: v for k, v in weights.items() if k != "users.precomputed"})
+    assert older.user_vectors is None
+    assert [r.items for r in older.recommend(user=rec.user_tokens[1:], k=K)] == [
+        r.items for r in served.recommend(user=rec.user_tokens[1:], k=K)]
+    calls = []
+    for encoder in served.encoders.values():
+        monkeypatch.setattr(encoder, "forward", lambda *a, **kw: calls.append(1) or pytest.fail("encoder ran"))
+    users = rec.user_tokens[1:]
+    full = rec.recommend(user=users, k=K)
+    exported = served.recommend(user=users, k=K)
+    assert [r.items for r in exported] == [r.items for r in full] and [r.group for r in exported] == [
+        r.group for r in full]
+    assert torch.allclose(torch.tensor([r.scores for r in exported]), torch.tensor([r.scores for r in full]), atol=1e-5)
+    assert not calls
+    monkeypatch.undo()
+    truth = sequences(runs["inter"])
+    with monkeypatch.context() as mp:
+        encoder = served.encoders["groups" if "groups" in served.encoders else "global"]
+        forward = encoder.forward
+        mp.setattr(encoder, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+        served.recommend(user=users[0], history=truth[users[0]][:3], k=K)
+    assert calls
+
+
 def test_an_export_loads_and_serves_without_recbole_or_transformers(loaded, tmp_path):
     run, rec = loaded["PerPEFT"]
     out = run.export(str(tmp_path / "export"))
