@@ -64,7 +64,10 @@ def bar_chart(table: dict) -> bytes | None:
         values = [c[0] if c else 0.0 for c in cells]
         errors = [c[1] if c and c[1] is not None else 0.0 for c in cells]
         positions = list(range(len(labels)))
-        ax.barh(positions, values, xerr=errors if any(errors) else None, color="#4c72b0")
+        bars = ax.barh(positions, values, xerr=errors if any(errors) else None, color="#4c72b0")
+        # each bar's number written beside it: a row in other units (MiB beside seconds) can dwarf the rest
+        ax.bar_label(bars, labels=[f"{c[0]:g}" if c else "" for c in cells], fontsize=6, padding=2)
+        ax.margins(x=0.18)
         ax.set_yticks(positions, labels if i % across == 0 else [""] * len(labels), fontsize=7)
         ax.invert_yaxis()
         ax.set_title(_short(column, 40), fontsize=8)
