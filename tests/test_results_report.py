@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from recbole_perpeft.compare_report import summarise
-from recbole_perpeft.experiments import results_report
+from recbole_perpeft.experiments import results_charts, results_report
 from recbole_perpeft.experiments.summaries import summary_from_comparison
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_page_index_and_history(tmp_path):
     old = {**small_summary("withdrawn", "trained 3 + 3 epochs against 3"), "experiment": "old", "title": "Old one"}
     write_experiment(tmp_path / "results", old)
     pages = results_report.render_all(tmp_path / "results", paper=PAPER)
-    assert sorted(pages) == ["README.md", "history.md", "old.md", "tiny.md"]
+    assert sorted(pages) == ["README.md", "history.md", "old-1.png", "old.md", "tiny-1.png", "tiny.md"]
     page = pages["tiny.md"]
     assert page.startswith("# A tiny comparison\n\nStatus: **current**")
     assert "**transcribed** from README.md at b057acf, section 'Tiny'" in page
@@ -168,3 +168,33 @@ def test_summary_from_a_reproduce_table_shows_the_papers_numbers(tmp_path):
     page = results_report.render_all(tmp_path / "results", paper=PAPER)["sports.md"]
     assert "| PerPEFT | **5.50** (0.71) | 4.82 (.04) |" in page  # the paper's number beside ours, matched by label
     assert "| GlobalPEFT | 4.50 (0.71) |  |" in page
+
+
+def test_each_numeric_table_gets_a_linked_chart_checked_by_size(tmp_path, capsys):
+    """A table with numbers becomes <slug>-<n>.png, linked under it; --check compares a chart's pixel size."""
+    results, out = tmp_path / "results", tmp_path / "docs"
+    summary = small_summary()
+    summary["tables"].append({"caption": "words only", "columns": ["what"], "rows": [{"label": "a",
+                                                                                       "values": {"what": "x (y)"}}]})
+    write_experiment(results, summary)
+    assert results_report.main([str(results), f"--out={out}"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["tiny-1.png"]  # the words-only table has no chart
+    page = (out / "tiny.md").read_text()
+    assert page.count("](tiny-") == 1 and "(tiny-1.png)" in page
+    chart = (out / "tiny-1.png").read_bytes()
+    assert results_charts.png_size(chart)[0] > 100
+    assert results_charts.bar_chart(summary["tables"][0]) == chart  # the same bytes on the same matplotlib
+    assert b"Software" not in chart  # no matplotlib version stamp in the file
+    (out / "tiny-1.png").write_bytes(results_charts.bar_chart({**summary["tables"][0], "columns": ["hit@20"] * 4}))
+    (out / "gone-1.png").write_bytes(chart)
+    assert results_report.main([str(results), f"--out={out}", "--check"]) == 1
+    assert "gone-1.png, tiny-1.png" in capsys.readouterr().err
+    assert results_report.main([str(results), f"--out={out}"]) == 0
+    assert not (out / "gone-1.png").exists()
+
+
+def test_chart_reads_numbers_printed_as_strings():
+    assert results_charts.cell_number("2,001") == (2001.0, None)
+    assert results_charts.cell_number({"mean": 37.03, "std": "3.50"}) == (37.03, 3.5)
+    assert results_charts.cell_number("16.5 (0.25)") is None
+    assert results_charts.numeric_columns({"columns": ["a", "b"], "rows": [{"label": "r", "values": {"a": "-"}}]}) == []

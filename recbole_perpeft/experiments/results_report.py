@@ -14,8 +14,11 @@
   appended to the cell; the table's ``note`` says what it means.
 - Numbers: in a table with ``"scale": "x100"`` the metric columns (a ``@`` in the name) print with 2 decimals,
   as the paper prints them; every other number prints as stored (Python's shortest form), strings verbatim.
+- Under each table with numeric columns, a link to its bar chart ``<out>/<slug>-<n>.png`` (n counts the
+  page's tables from 1; drawn by :mod:`recbole_perpeft.experiments.results_charts`).
 - The output is deterministic (slugs sorted, no dates), so ``--check`` can compare it byte for byte with the
-  committed pages: it exits 1 listing every page that differs, is missing, or has no summary any more.
+  committed pages: it exits 1 listing every page that differs, is missing, or has no summary any more. A chart
+  is compared by its presence and pixel size, since its bytes depend on the matplotlib / FreeType version.
 
 :func:`summary_from_comparison` turns the JSON that ``recbole_perpeft.compare`` or ``recbole_perpeft.reproduce``
 writes into this summary format (``"source": "runs"``), so a new experiment is committed as data.
@@ -30,6 +33,7 @@ import json
 import sys
 from pathlib import Path
 
+from recbole_perpeft.experiments.results_charts import bar_chart, numeric_columns, png_size
 from recbole_perpeft.reproduce.paper import load_paper, paper_note, paper_rows
 
 STATUSES = ("current", "superseded", "withdrawn")
@@ -188,6 +192,10 @@ def _source_line(summary: dict) -> str:
     return f"Source: {summary['source']} (built from the run files' summaries)."
 
 
+def chart_name(summary: dict, n: int) -> str:
+    return f"{summary['experiment']}-{n}.png"
+
+
 def render_page(summary: dict, notes: str, paper: dict) -> str:
     """One experiment's page."""
     protocol = summary.get("protocol") or {}
@@ -200,8 +208,10 @@ def render_page(summary: dict, notes: str, paper: dict) -> str:
     lines += ["", "## Results"]
     table_id, dataset = protocol.get("paper_table"), protocol.get("dataset")
     numbers = paper_rows(paper, table_id, dataset, protocol.get("paper_peft", "")) if table_id else {}
-    for table in summary["tables"]:
+    for n, table in enumerate(summary["tables"], start=1):
         lines += ["", *render_table(table, numbers)]
+        if numeric_columns(table):
+            lines += ["", f"![{table.get('caption') or 'chart'}]({chart_name(summary, n)})"]
     if table_id:
         note = paper_note(paper, table_id, dataset, shown=bool(numbers))
         if note:
@@ -237,8 +247,9 @@ def render_history(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_all(results_dir, paper: dict | None = None) -> dict[str, str]:
-    """{page file name: Markdown} for every experiment under ``results_dir``, plus README.md and history.md."""
+def render_all(results_dir, paper: dict | None = None) -> dict[str, str | bytes]:
+    """{page file name: Markdown} for every experiment under ``results_dir``, plus README.md and history.md, and
+    {``<slug>-<n>.png``: PNG bytes} for each table's chart."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ValueError(f"{results_dir}: no such folder of experiments (results/<experiment>/summary.json).")
@@ -249,27 +260,45 @@ def render_all(results_dir, paper: dict | None = None) -> dict[str, str]:
         notes_file = path.parent / "notes.md"
         notes = notes_file.read_text(encoding="utf-8") if notes_file.is_file() else ""
         pages[f"{summary['experiment']}.md"] = render_page(summary, notes, paper)
+        for n, table in enumerate(summary["tables"], start=1):
+            chart = bar_chart(table)
+            if chart is not None:
+                pages[chart_name(summary, n)] = chart
         summaries.append(summary)
     pages["README.md"] = render_index(summaries)
     pages["history.md"] = render_history(summaries)
     return pages
 
 
-def differing_pages(pages: dict[str, str], out_dir) -> list[str]:
+def _same(content: str | bytes, path: Path) -> bool:
+    if not path.is_file():
+        return False
+    if isinstance(content, bytes):  # a chart: its pixel size, as its bytes vary with the matplotlib version
+        return png_size(path.read_bytes()) == png_size(content)
+    return path.read_text(encoding="utf-8") == content
+
+
+def _generated(out_dir: Path):
+    return [*out_dir.glob("*.md"), *out_dir.glob("*.png")] if out_dir.is_dir() else []
+
+
+def differing_pages(pages: dict[str, str | bytes], out_dir) -> list[str]:
     """The pages whose committed copy under ``out_dir`` differs or is missing, and committed pages with no summary."""
     out_dir = Path(out_dir)
-    differ = [name for name, text in pages.items()
-              if not (out_dir / name).is_file() or (out_dir / name).read_text(encoding="utf-8") != text]  # fmt: skip
-    stale = [p.name for p in out_dir.glob("*.md") if p.name not in pages] if out_dir.is_dir() else []
+    differ = [name for name, content in pages.items() if not _same(content, out_dir / name)]
+    stale = [p.name for p in _generated(out_dir) if p.name not in pages]
     return sorted(differ + stale)
 
 
-def write_pages(pages: dict[str, str], out_dir) -> None:
+def write_pages(pages: dict[str, str | bytes], out_dir) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in pages.items():
-        (out_dir / name).write_text(text, encoding="utf-8")
-    for stale in out_dir.glob("*.md"):  # a page whose summary was removed
+    for name, content in pages.items():
+        if isinstance(content, bytes):
+            (out_dir / name).write_bytes(content)
+        else:
+            (out_dir / name).write_text(content, encoding="utf-8")
+    for stale in _generated(out_dir):  # a page or chart whose summary (or table) was removed
         if stale.name not in pages:
             stale.unlink()
 
