@@ -98,7 +98,7 @@ def test_ratio_zero_is_today(tmp_path, data):
 @pytest.mark.parametrize(
     "keys, message",
     [
-        ({"missing_image_ratio": 1.5}, "missing_image_ratio must be a number between 0"),
+        ({"missing_image_ratio": 1.5}, "missing_image_ratio must be a number in \\[0, 1\\]"),
         ({"missing_image_ratio": "half"}, "missing_image_ratio must be a number"),
         ({"missing_image_ratio": 0.5, "missing_image_seed": "x"}, "missing_image_seed must be an integer"),
         ({"missing_image_ratio": 0.5, "modalities": ["text"]}, "this run uses none"),

@@ -585,7 +585,10 @@ def test_bad_n_groups_exits_before_stage_1_naming_n_groups(env, tmp_path, n_grou
         load_entry_point().main(argv)
     message = info.value.code
     assert isinstance(message, str) and message.startswith("error: ")  # exit status 1
-    assert f"n_groups={n_groups}" in message and f"{N_USERS} users" in message
+    if n_groups:  # above the number of users: checked against the data
+        assert f"n_groups={n_groups}" in message and f"{N_USERS} users" in message
+    else:  # not a positive integer: refused with the key's declared range before the data is read
+        assert "n_groups must be a positive integer" in message and "got 0" in message
     assert not list(Path(keys["checkpoint_dir"]).glob("PerPEFT-*"))  # refused before stage 1 trained
 
 
