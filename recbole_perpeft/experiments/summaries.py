@@ -25,15 +25,17 @@ def _table_from_comparison(summary: dict, caption: str) -> dict:
     rows = []
     for model in summary["models"]:
         entry = summary["results"][model]
+        several = len(seeds) > 1  # one seed: the value alone (no std, no t-test)
         row = {"label": model,
-               "values": {m: {"mean": _x100(entry[m]["mean"]), "std": _x100(entry[m]["std"])} for m in metrics}}
+               "values": {m: {"mean": _x100(entry[m]["mean"]), "std": _x100(entry[m]["std"])} if several
+                          else _x100(entry[m]["mean"]) for m in metrics}}  # fmt: skip
         per_seed = [entry[m].get("per_seed") or [] for m in metrics]
         if len(seeds) > 1 and all(len(values) == len(seeds) for values in per_seed):
             row["per_seed"] = {s: {m: _x100(entry[m]["per_seed"][i]) for m in metrics} for i, s in enumerate(seeds)}
         rows.append(row)
     table = {"caption": caption, "columns": list(metrics), "scale": "x100", "rows": rows}
     ttest = summary.get("ttest") or {}
-    if ttest.get("p_values"):
+    if ttest.get("p_values") and len(seeds) > 1:
         table["p_values"] = {"against": ttest.get("reference"),
                              "values": {model: {m: _p(p) for m, p in per.items()}
                                         for model, per in ttest["p_values"].items()}}  # fmt: skip
