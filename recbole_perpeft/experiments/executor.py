@@ -140,6 +140,10 @@ def run_parallel(plan: list[Planned], dataset: str, config_file_list, jobs: int,
     threads = threads_per_run(jobs)
     print(f"[{log}] {len(plan)} runs to train, {jobs} at a time ({threads} torch thread(s) each); a log per run "
           f"beside its JSON", flush=True)  # fmt: skip
+    # RecBole's init_logger makes ./log/ and ./log/<model>/ with a check-then-create (utils.ensure_dir): two runs
+    # starting at once in a fresh folder race on it (FileExistsError), so the folders exist before any starts.
+    for model in {run.model for run in plan} | {"GlobalPEFT"}:  # (GlobalPEFT: a two-stage run's stage 1)
+        os.makedirs(os.path.join("log", model), exist_ok=True)
     pending, running, ended = list(plan), [], []
     try:
         while pending or running:
